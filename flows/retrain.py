@@ -1,0 +1,72 @@
+"""The retrain flow: prepare -> train -> evaluate -> merge -> export -> quantize -> serve -> register."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from prefect import flow, get_run_logger
+
+from tasks.config import PipelineConfig, load_config
+from tasks.evaluate import evaluate_task
+from tasks.export_onnx import export_onnx_task
+from tasks.merge import merge_task
+from tasks.prepare_data import prepare_data_task
+from tasks.quantize import quantize_task
+from tasks.register import register_task
+from tasks.serve_check import serve_check_task
+from tasks.tracking import end_pipeline_run, log_metrics, start_pipeline_run
+from tasks.train_lora import train_lora_task
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What a pipeline run produced: its MLflow run, the registered version and the decision."""
+
+    run_id: str
+    model_name: str
+    version: str
+    promoted: bool
+    reason: str
+    test_accuracy: float
+    served_accuracy: float
+
+
+def run_pipeline(config: PipelineConfig) -> RetrainResult:
+    """Run every stage inside one MLflow run; the run ends FAILED if any stage raises."""
+    start = time.perf_counter()
+    run_id = start_pipeline_run(config)
+    try:
+        data = prepare_data_task(config, run_id)
+        trained = train_lora_task(config, data, run_id)
+        evaluation = evaluate_task(config, data, trained, run_id)
+        merged = merge_task(config, data, trained, run_id)
+        onnx = export_onnx_task(config, data, merged, run_id)
+        quantized = quantize_task(config, data, onnx, run_id)
+        served = serve_check_task(config, data, quantized, merged, run_id)
+        gates = [merged.parity, *onnx.gates, *quantized.gates]
+        registration = register_task(config, data, evaluation, quantized, served, gates, run_id)
+    except BaseException:
+        end_pipeline_run(run_id, config, "FAILED")
+        raise
+    log_metrics(run_id, {"pipeline.wall_seconds": time.perf_counter() - start})
+    end_pipeline_run(run_id, config, "FINISHED")
+    return RetrainResult(
+        run_id=run_id, model_name=registration.model_name, version=registration.version,
+        promoted=registration.promoted, reason=registration.reason,
+        test_accuracy=evaluation.metrics["accuracy"], served_accuracy=served.metrics["accuracy"],
+    )
+
+
+@flow(name="lora-retrain", log_prints=True)
+def retrain_flow(config_path: str = "configs/default.yaml",
+                 overrides: list[str] | None = None) -> dict:
+    """Retrain a LoRA adapter from a config file (plus KEY=VALUE overrides) and maybe promote it."""
+    config = load_config(config_path, overrides)
+    result = run_pipeline(config)
+    get_run_logger().info(
+        "run %s: %s v%s, test accuracy %.3f, served accuracy %.3f, production %s (%s)",
+        result.run_id, result.model_name, result.version, result.test_accuracy,
+        result.served_accuracy, "moved" if result.promoted else "kept", result.reason,
+    )
+    return asdict(result)

