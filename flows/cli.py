@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from tasks.errors import PipelineError
@@ -22,6 +23,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs failures with tracebacks; a bad input deserves only its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _install_log_filter() -> None:
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            handler.addFilter(_HideUserErrorTracebacks())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -33,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from flows.retrain import retrain_flow
 
+        _install_log_filter()
         result = retrain_flow(config_path=args.config, overrides=args.overrides)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -44,7 +44,7 @@ def score_production(config: PipelineConfig, texts, y_true, label_names):
     predicted = served.predict(pd.DataFrame({"text": list(texts)}))["label"]
     ids = {name: i for i, name in enumerate(label_names)}
     y_pred = [ids.get(label, -1) for label in predicted]  # a label we don't know is wrong
-    return version.version, classification_metrics(y_true, y_pred, label_names), y_pred
+    return str(version.version), classification_metrics(y_true, y_pred, label_names), y_pred
 
 
 def evaluate(config: PipelineConfig, data: PreparedData, trained: TrainedAdapter,

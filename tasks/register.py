@@ -72,7 +72,7 @@ def champion_gate(config: PipelineConfig, candidate: ServeReport, evaluation: Ev
         return None
     metric = config.registry.metric
     delta = candidate.metrics[metric] - evaluation.production_metrics[metric]
-    return evaluate_gate(f"champion_{metric}_delta", delta, -config.registry.tolerance, ">=")
+    return evaluate_gate(f"champion_{metric}_delta", delta, 0.0 - config.registry.tolerance, ">=")
 
 
 def decide(config: PipelineConfig, gates: list[Gate], champion: Gate | None) -> tuple[bool, str]:
@@ -131,7 +131,7 @@ def register(config: PipelineConfig, data: PreparedData, evaluation: Evaluation,
             client.set_registered_model_alias(name, CHALLENGER, version)
             if promote:
                 if previous is not None:
-                    client.set_model_version_tag(name, version, "previous_production", previous.version)
+                    client.set_model_version_tag(name, version, "previous_production", str(previous.version))
                 client.set_registered_model_alias(name, PRODUCTION, version)
         except Exception:
             client.delete_model_version(name, version)  # leave nothing half-written behind
@@ -139,7 +139,7 @@ def register(config: PipelineConfig, data: PreparedData, evaluation: Evaluation,
         result = Registration(model_name=name, version=str(version),
                               model_uri=f"models:/{name}/{version}", promoted=promote,
                               reason=reason,
-                              previous_production=previous.version if previous else None,
+                              previous_production=str(previous.version) if previous else None,
                               gates=all_gates)
         _report(run_id, result, serve, evaluation)
     return result
