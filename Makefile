@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 MLFLOW_DB ?= sqlite:///mlruns/mlflow.db
 
-.PHONY: venv demo test test-fast lint ui bench lock clean
+.PHONY: venv demo test test-fast lint ui serve bench lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ lint: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
+## Serve the production model on http://127.0.0.1:5001 (POST /invocations).
+MODEL_NAME ?= support-ticket-classifier
+serve: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH MLFLOW_TRACKING_URI=$(MLFLOW_DB) \
+	  $(VENV)/bin/mlflow models serve -m models:/$(MODEL_NAME)@production --env-manager local \
+	  --host 127.0.0.1 --port 5001
+
+## Stage times and orchestration overhead of one default run.
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline_stages.py --config $(CONFIG)
 

@@ -88,3 +88,13 @@ def make_tiny_config(tiny_bert, small_csv):
 @pytest.fixture
 def tiny_config(tmp_path, make_tiny_config):
     return make_tiny_config(tmp_path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop Prefect's temporary server while pytest's streams are still open (quiet exit)."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()

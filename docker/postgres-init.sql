@@ -1,0 +1,2 @@
+-- The mlflow database is created by POSTGRES_DB; Prefect gets its own.
+CREATE DATABASE prefect;
