@@ -25,8 +25,16 @@ sys.path.insert(0, str(ROOT))
 
 from flows.retrain import retrain_flow  # noqa: E402
 
-STAGES = ("prepare_data", "train_lora", "evaluate", "merge", "export_onnx", "quantize",
-          "serve_check", "register")
+STAGES = (
+    "prepare_data",
+    "train_lora",
+    "evaluate",
+    "merge",
+    "export_onnx",
+    "quantize",
+    "serve_check",
+    "register",
+)
 
 
 @flow(name="noop")
@@ -42,16 +50,22 @@ def main() -> None:
 
     store = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    overrides = [f"tracking.uri={uri}", f"tracking.artifact_location={(store / 'art').as_uri()}",
-                 f"output_dir={store / 'outputs'}", *args.overrides]
+    overrides = [
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={(store / 'art').as_uri()}",
+        f"output_dir={store / 'outputs'}",
+        *args.overrides,
+    ]
 
     start = time.perf_counter()
     noop()
     server_start = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = retrain_flow(config_path=str(ROOT / args.config) if not Path(args.config).is_absolute()
-                          else args.config, overrides=overrides)
+    result = retrain_flow(
+        config_path=str(ROOT / args.config) if not Path(args.config).is_absolute() else args.config,
+        overrides=overrides,
+    )
     flow_wall = time.perf_counter() - start
 
     metrics = MlflowClient(uri).get_run(result["run_id"]).data.metrics
@@ -70,7 +84,10 @@ def main() -> None:
     print(f"flow_wall_seconds = {flow_wall:.2f}")
     print(f"orchestration_overhead_seconds = {overhead:.2f}")
     print(f"orchestration_overhead_share = {overhead / flow_wall:.3f}  (goal < 0.10)")
-    print(f"test_accuracy = {result['test_accuracy']:.4f}  served_accuracy = {result['served_accuracy']:.4f}")
+    print(
+        f"test_accuracy = {result['test_accuracy']:.4f}  "
+        f"served_accuracy = {result['served_accuracy']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the retrain flow")
     run.add_argument("--config", default="configs/default.yaml", help="YAML config file")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set train.epochs=1 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=1 (repeatable)",
+    )
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("--config", default="configs/default.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

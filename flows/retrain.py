@@ -1,4 +1,4 @@
-"""The retrain flow: prepare -> train -> evaluate -> merge -> export -> quantize -> serve -> register."""
+"""The retrain flow: prepare, train, evaluate, merge, export, quantize, serve-check, register."""
 
 from __future__ import annotations
 
@@ -52,21 +52,31 @@ def run_pipeline(config: PipelineConfig) -> RetrainResult:
     log_metrics(run_id, {"pipeline.wall_seconds": time.perf_counter() - start})
     end_pipeline_run(run_id, config, "FINISHED")
     return RetrainResult(
-        run_id=run_id, model_name=registration.model_name, version=registration.version,
-        promoted=registration.promoted, reason=registration.reason,
-        test_accuracy=evaluation.metrics["accuracy"], served_accuracy=served.metrics["accuracy"],
+        run_id=run_id,
+        model_name=registration.model_name,
+        version=registration.version,
+        promoted=registration.promoted,
+        reason=registration.reason,
+        test_accuracy=evaluation.metrics["accuracy"],
+        served_accuracy=served.metrics["accuracy"],
     )
 
 
 @flow(name="lora-retrain", log_prints=True)
-def retrain_flow(config_path: str = "configs/default.yaml",
-                 overrides: list[str] | None = None) -> dict:
+def retrain_flow(
+    config_path: str = "configs/default.yaml", overrides: list[str] | None = None
+) -> dict:
     """Retrain a LoRA adapter from a config file (plus KEY=VALUE overrides) and maybe promote it."""
     config = load_config(config_path, overrides)
     result = run_pipeline(config)
     get_run_logger().info(
         "run %s: %s v%s, test accuracy %.3f, served accuracy %.3f, production %s (%s)",
-        result.run_id, result.model_name, result.version, result.test_accuracy,
-        result.served_accuracy, "moved" if result.promoted else "kept", result.reason,
+        result.run_id,
+        result.model_name,
+        result.version,
+        result.test_accuracy,
+        result.served_accuracy,
+        "moved" if result.promoted else "kept",
+        result.reason,
     )
     return asdict(result)

@@ -28,7 +28,9 @@ class SplitConfig(_Section):
 class DataConfig(_Section):
     """Where the labelled texts are and how to read them."""
 
-    path: str = Field(description="A CSV/JSONL/Parquet file, or a folder with train/validation/test files.")
+    path: str = Field(
+        description="A CSV/JSONL/Parquet file, or a folder with train/validation/test files."
+    )
     format: Literal["auto", "csv", "json", "parquet"] = Field(
         "auto", description="File format; auto picks it from the file extension."
     )
@@ -75,13 +77,17 @@ class TrainConfig(_Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the training split.")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many steps (-1: use epochs).")
     batch_size: int = Field(16, gt=0, description="Examples per training step.")
-    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate (LoRA likes 1e-4..1e-3).")
+    learning_rate: float = Field(
+        5e-4, gt=0, description="Peak learning rate (LoRA likes 1e-4..1e-3)."
+    )
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm every N steps.")
     group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
     seed: int = Field(42)
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, mps, cpu.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda, mps, cpu."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
     )
@@ -113,7 +119,9 @@ class ExportConfig(_Section):
 class QuantizeConfig(_Section):
     """Dynamic int8 quantization with onnxruntime (through optimum)."""
 
-    per_channel: bool = Field(True, description="Per-channel weight scales (fewer flipped predictions).")
+    per_channel: bool = Field(
+        True, description="Per-channel weight scales (fewer flipped predictions)."
+    )
     min_top1_agreement: float = Field(
         0.97, ge=0, le=1, description="Gate: share of test predictions equal to fp32's."
     )
@@ -131,7 +139,9 @@ class ServeConfig(_Section):
     latency_runs: int = Field(50, gt=0, description="Timed batch-1 requests.")
     warmup_runs: int = Field(5, ge=0)
     throughput_batch_size: int = Field(32, gt=0)
-    num_threads: int = Field(0, ge=0, description="Intra-op threads for both engines; 0: all cores.")
+    num_threads: int = Field(
+        0, ge=0, description="Intra-op threads for both engines; 0: all cores."
+    )
 
 
 class RegistryConfig(_Section):
@@ -232,7 +242,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     """Read a YAML config, apply overrides, validate. Raises ConfigError with key paths."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found: pass an existing YAML file (e.g. configs/default.yaml)")
+        raise ConfigError(
+            f"config file {path} not found: pass an existing YAML file (e.g. configs/default.yaml)"
+        )
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -240,7 +252,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got {type(tree).__name__}"
+        )
     return config_from_dict(apply_overrides(tree, overrides or []), source=str(path))
 
 

@@ -17,6 +17,10 @@ class ModelError(PipelineError, ValueError):
     """The base model or adapter cannot be loaded."""
 
 
+class TrainingError(PipelineError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
 class GateFailed(PipelineError):
     """A quality gate stopped the run; its record is attached."""
 
@@ -34,4 +38,3 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     except Exception:  # noqa: BLE001 - anything else (network, disk) may pass on retry
         return True
     return False
-

@@ -47,42 +47,61 @@ def score_production(config: PipelineConfig, texts, y_true, label_names):
     return str(version.version), classification_metrics(y_true, y_pred, label_names), y_pred
 
 
-def evaluate(config: PipelineConfig, data: PreparedData, trained: TrainedAdapter,
-             run_id: str) -> Evaluation:
+def evaluate(
+    config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
+) -> Evaluation:
     """Accuracy, macro-F1, per-class scores and confusion matrices, logged to the run."""
     connect(config.tracking)
     with stage_timer(run_id, "evaluate"):
         test = load_test_split(data)
         tokenizer = load_tokenizer(config.model)
         model = load_adapted_model(config.model, trained.adapter.fetch(), data.label_names)
-        logits = predict_logits(model, tokenizer, test["text"], config.data.max_length,
-                                config.eval.batch_size)
+        logits = predict_logits(
+            model, tokenizer, test["text"], config.data.max_length, config.eval.batch_size
+        )
         y_true, y_pred = test["labels"], argmax(logits)
         metrics = classification_metrics(y_true, y_pred, data.label_names)
         log_metrics(run_id, {f"test.{k}": v for k, v in metrics.items()})
 
         out_dir = Path(config.output_dir) / run_id / "evaluation"
-        save_figure(confusion_matrix_figure(y_true, y_pred, data.label_names,
-                                            "Candidate (adapter) on test"),
-                    out_dir / "confusion_matrix.png")
+        save_figure(
+            confusion_matrix_figure(
+                y_true, y_pred, data.label_names, "Candidate (adapter) on test"
+            ),
+            out_dir / "confusion_matrix.png",
+        )
         names = data.label_names
-        table = pd.DataFrame({"text": test["text"], "label": [names[i] for i in y_true],
-                              "predicted": [names[i] for i in y_pred]})
+        table = pd.DataFrame(
+            {
+                "text": test["text"],
+                "label": [names[i] for i in y_true],
+                "predicted": [names[i] for i in y_pred],
+            }
+        )
         version, prod_metrics, prod_pred = score_production(config, test["text"], y_true, names)
         if prod_metrics is not None:
             log_metrics(run_id, {f"production.{k}": v for k, v in prod_metrics.items()})
             table["production_predicted"] = [names[i] if i >= 0 else "?" for i in prod_pred]
-            save_figure(confusion_matrix_figure(y_true, prod_pred, names,
-                                                f"Production (v{version}) on test"),
-                        out_dir / "confusion_matrix_production.png")
+            save_figure(
+                confusion_matrix_figure(
+                    y_true, prod_pred, names, f"Production (v{version}) on test"
+                ),
+                out_dir / "confusion_matrix_production.png",
+            )
         table.to_csv(out_dir / "test_predictions.csv", index=False)
         log_folder(run_id, out_dir, "evaluation")
     return Evaluation(metrics=metrics, production_metrics=prod_metrics, production_version=version)
 
 
-@task(name="evaluate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-def evaluate_task(config: PipelineConfig, data: PreparedData, trained: TrainedAdapter,
-                  run_id: str) -> Evaluation:
+@task(
+    name="evaluate",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_user_error,
+)
+def evaluate_task(
+    config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
+) -> Evaluation:
     """Prefect wrapper around evaluate."""
     return evaluate(config, data, trained, run_id)

@@ -32,8 +32,9 @@ class OnnxModel:
     gates: list[Gate]
 
 
-def export_onnx(config: PipelineConfig, data: PreparedData, merged: MergedModel,
-                run_id: str) -> OnnxModel:
+def export_onnx(
+    config: PipelineConfig, data: PreparedData, merged: MergedModel, run_id: str
+) -> OnnxModel:
     """optimum export, then compare ONNX fp32 logits and argmax with PyTorch on the test split."""
     connect(config.tracking)
     with stage_timer(run_id, "export_onnx"):
@@ -41,21 +42,42 @@ def export_onnx(config: PipelineConfig, data: PreparedData, merged: MergedModel,
         out_dir = Path(config.output_dir) / run_id / "onnx"
         if out_dir.exists():
             shutil.rmtree(out_dir)  # a retried export starts clean
-        main_export(str(merged_dir), out_dir, task="text-classification", opset=config.export.opset,
-                    do_validation=False, local_files_only=True)
+        main_export(
+            str(merged_dir),
+            out_dir,
+            task="text-classification",
+            opset=config.export.opset,
+            do_validation=False,
+            local_files_only=True,
+        )
         texts = load_test_split(data)["text"]
         tokenizer = load_tokenizer(config.model)
-        torch_logits = predict_logits(load_classifier(str(merged_dir), data.label_names), tokenizer,
-                                      texts, config.data.max_length, config.eval.batch_size)
+        torch_logits = predict_logits(
+            load_classifier(str(merged_dir), data.label_names),
+            tokenizer,
+            texts,
+            config.data.max_length,
+            config.eval.batch_size,
+        )
         session = open_session(out_dir / ONNX_FILE, device="cpu")
-        onnx_logits = session_logits(session, tokenizer, texts, config.data.max_length,
-                                     config.eval.batch_size)
-        mismatches = int(np.sum(np.argmax(onnx_logits, -1) != np.argmax(torch_logits, -1))) \
-            if onnx_logits.shape == torch_logits.shape else len(texts)
+        onnx_logits = session_logits(
+            session, tokenizer, texts, config.data.max_length, config.eval.batch_size
+        )
+        mismatches = (
+            int(np.sum(np.argmax(onnx_logits, -1) != np.argmax(torch_logits, -1)))
+            if onnx_logits.shape == torch_logits.shape
+            else len(texts)
+        )
         gates = [
-            log_gate(run_id, evaluate_gate("onnx_parity_max_abs_diff",
-                                           max_abs_diff(onnx_logits, torch_logits),
-                                           config.export.parity_max_abs_diff, "<=")),
+            log_gate(
+                run_id,
+                evaluate_gate(
+                    "onnx_parity_max_abs_diff",
+                    max_abs_diff(onnx_logits, torch_logits),
+                    config.export.parity_max_abs_diff,
+                    "<=",
+                ),
+            ),
             log_gate(run_id, evaluate_gate("onnx_argmax_mismatches", mismatches, 0, "<=")),
         ]
         log_metrics(run_id, {"onnx.fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20})
@@ -65,9 +87,15 @@ def export_onnx(config: PipelineConfig, data: PreparedData, merged: MergedModel,
     return OnnxModel(model=ref, gates=gates)
 
 
-@task(name="export-onnx", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-def export_onnx_task(config: PipelineConfig, data: PreparedData, merged: MergedModel,
-                     run_id: str) -> OnnxModel:
+@task(
+    name="export-onnx",
+    retries=1,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_user_error,
+)
+def export_onnx_task(
+    config: PipelineConfig, data: PreparedData, merged: MergedModel, run_id: str
+) -> OnnxModel:
     """Prefect wrapper around export_onnx."""
     return export_onnx(config, data, merged, run_id)

@@ -38,7 +38,9 @@ def evaluate_gate(name: str, value: float, threshold: float, comparison: Compari
     """Build a Gate record; NaN or infinite values fail."""
     value = float(value)
     passed = math.isfinite(value) and bool(_OPS[comparison](value, threshold))
-    return Gate(name=name, value=value, threshold=float(threshold), comparison=comparison, passed=passed)
+    return Gate(
+        name=name, value=value, threshold=float(threshold), comparison=comparison, passed=passed
+    )
 
 
 def require(gate: Gate) -> Gate:

@@ -34,16 +34,18 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
-def merge(config: PipelineConfig, data: PreparedData, trained: TrainedAdapter,
-          run_id: str) -> MergedModel:
+def merge(
+    config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
+) -> MergedModel:
     """Merge safely, save, reload the saved folder and gate on logits parity with the adapter."""
     connect(config.tracking)
     with stage_timer(run_id, "merge"):
         texts = load_test_split(data)["text"]
         tokenizer = load_tokenizer(config.model)
         model = load_adapted_model(config.model, trained.adapter.fetch(), data.label_names)
-        adapter_logits = predict_logits(model, tokenizer, texts, config.data.max_length,
-                                        config.eval.batch_size)
+        adapter_logits = predict_logits(
+            model, tokenizer, texts, config.data.max_length, config.eval.batch_size
+        )
         try:
             merge_lora(model, safe=True)
         except LoraError as exc:
@@ -53,19 +55,32 @@ def merge(config: PipelineConfig, data: PreparedData, trained: TrainedAdapter,
         plain.save_pretrained(str(out_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
         reloaded = load_classifier(str(out_dir), data.label_names)
-        merged_logits = predict_logits(reloaded, tokenizer, texts, config.data.max_length,
-                                       config.eval.batch_size)
-        gate = log_gate(run_id, evaluate_gate(
-            "merge_parity_max_abs_diff", max_abs_diff(merged_logits, adapter_logits),
-            config.merge.parity_max_abs_diff, "<="))
+        merged_logits = predict_logits(
+            reloaded, tokenizer, texts, config.data.max_length, config.eval.batch_size
+        )
+        gate = log_gate(
+            run_id,
+            evaluate_gate(
+                "merge_parity_max_abs_diff",
+                max_abs_diff(merged_logits, adapter_logits),
+                config.merge.parity_max_abs_diff,
+                "<=",
+            ),
+        )
         require(gate)
         ref = log_folder(run_id, out_dir, "merged_model")
     return MergedModel(model=ref, parity=gate)
 
 
-@task(name="merge", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-def merge_task(config: PipelineConfig, data: PreparedData, trained: TrainedAdapter,
-               run_id: str) -> MergedModel:
+@task(
+    name="merge",
+    retries=1,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_user_error,
+)
+def merge_task(
+    config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
+) -> MergedModel:
     """Prefect wrapper around merge."""
     return merge(config, data, trained, run_id)

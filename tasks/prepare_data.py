@@ -60,20 +60,26 @@ def find_split_files(data: DataConfig) -> dict[str, Path]:
     if path.is_file():
         return {"all": path}
     if not path.is_dir():
-        raise DataError(f"data.path {data.path!r} does not exist: point it at a CSV/JSONL/Parquet "
-                        f"file or a folder with train/validation/test files")
+        raise DataError(
+            f"data.path {data.path!r} does not exist: point it at a CSV/JSONL/Parquet "
+            f"file or a folder with train/validation/test files"
+        )
     found: dict[str, Path] = {}
     for split, stems in SPLIT_FILE_STEMS.items():
         for candidate in sorted(path.iterdir()):
-            if candidate.is_file() and candidate.stem.lower() in stems and (
-                candidate.suffix.lower() in FORMATS or data.format != "auto"
+            if (
+                candidate.is_file()
+                and candidate.stem.lower() in stems
+                and (candidate.suffix.lower() in FORMATS or data.format != "auto")
             ):
                 found[split] = candidate
                 break
     if "train" not in found:
         names = ", ".join(sorted(p.name for p in path.iterdir())) or "(empty)"
-        raise DataError(f"data folder {path} has no train file (train.csv, train.jsonl or "
-                        f"train.parquet); it holds: {names}")
+        raise DataError(
+            f"data folder {path} has no train file (train.csv, train.jsonl or "
+            f"train.parquet); it holds: {names}"
+        )
     return found
 
 
@@ -85,8 +91,10 @@ def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
     try:
         frame = load_dataset(fmt, data_files=str(path), split="train").to_pandas()
     except UnicodeDecodeError as exc:
-        raise DataError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                        f"re-save it as UTF-8") from exc
+        raise DataError(
+            f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            f"re-save it as UTF-8"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - the readers raise many types; the file is the cause
         raise DataError(f"data file {path} could not be read as {fmt}: {exc}") from exc
     missing = [c for c in (data.text_column, data.label_column) if c not in frame.columns]
@@ -102,21 +110,28 @@ def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
 
 def clean(frame: pd.DataFrame, data: DataConfig, where: str) -> tuple[pd.DataFrame, dict[str, int]]:
     """Keep text/label, strip texts, drop empty texts, missing labels and exact duplicates."""
-    out = pd.DataFrame({
-        "text": frame[data.text_column].astype("string").str.strip(),
-        "label": frame[data.label_column],
-    })
+    out = pd.DataFrame(
+        {
+            "text": frame[data.text_column].astype("string").str.strip(),
+            "label": frame[data.label_column],
+        }
+    )
     empty = out["text"].isna() | (out["text"] == "")
     no_label = out["label"].isna()
     out = out[~empty & ~no_label].copy()
     out["label"] = out["label"].astype(str).str.strip()
     before = len(out)
     out = out.drop_duplicates(subset="text", keep="first")
-    counts = {"empty_text": int(empty.sum()), "missing_label": int((no_label & ~empty).sum()),
-              "duplicates": before - len(out)}
+    counts = {
+        "empty_text": int(empty.sum()),
+        "missing_label": int((no_label & ~empty).sum()),
+        "duplicates": before - len(out),
+    }
     if out.empty:
-        raise DataError(f"data {where}: no rows left after dropping empty texts and missing labels "
-                        f"({counts['empty_text']} empty texts, {counts['missing_label']} missing labels)")
+        raise DataError(
+            f"data {where}: no rows left after dropping empty texts and missing labels "
+            f"({counts['empty_text']} empty texts, {counts['missing_label']} missing labels)"
+        )
     return out.reset_index(drop=True), counts
 
 
@@ -125,9 +140,13 @@ def carve(frame: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, p
     counts = frame["label"].value_counts()
     rare = counts[counts < 2]
     if not rare.empty:
-        raise DataError(f"data: classes {', '.join(map(repr, rare.index))} have fewer than 2 rows; "
-                        f"a stratified split needs at least 2 rows per class (add rows)")
-    rest, part = train_test_split(frame, test_size=share, random_state=seed, stratify=frame["label"])
+        raise DataError(
+            f"data: classes {', '.join(map(repr, rare.index))} have fewer than 2 rows; "
+            f"a stratified split needs at least 2 rows per class (add rows)"
+        )
+    rest, part = train_test_split(
+        frame, test_size=share, random_state=seed, stratify=frame["label"]
+    )
     return rest.reset_index(drop=True), part.reset_index(drop=True)
 
 
@@ -160,13 +179,17 @@ def check_labels(splits: dict[str, pd.DataFrame]) -> list[str]:
     """The label names (sorted); errors for one class or classes unseen in train."""
     train_labels = set(splits["train"]["label"])
     if len(train_labels) < 2:
-        raise DataError(f"data: the training split has only one class ({sorted(train_labels)[0]!r}); "
-                        f"classification needs at least two")
+        raise DataError(
+            f"data: the training split has only one class ({sorted(train_labels)[0]!r}); "
+            f"classification needs at least two"
+        )
     for name, frame in splits.items():
         unseen = set(frame["label"]) - train_labels
         if unseen:
-            raise DataError(f"data: the {name} split has classes not in train: "
-                            f"{', '.join(map(repr, sorted(unseen)))}; add training rows for them")
+            raise DataError(
+                f"data: the {name} split has classes not in train: "
+                f"{', '.join(map(repr, sorted(unseen)))}; add training rows for them"
+            )
     return sorted(train_labels)
 
 
@@ -196,8 +219,9 @@ def build_splits(data: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, i
     dropped["leaked"] = remove_leakage(splits)
     for name, frame in splits.items():
         if frame.empty:
-            raise DataError(f"data: the {name} split is empty after cleaning; add rows or change "
-                            f"data.split")
+            raise DataError(
+                f"data: the {name} split is empty after cleaning; add rows or change data.split"
+            )
     return splits, dropped, _sha256(list(files.values()))
 
 
@@ -215,8 +239,12 @@ def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], config: Pi
         full = tokenizer(list(frame["text"]), truncation=False)["input_ids"]
         truncated[name] = sum(len(ids) > max_length for ids in full)
         encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)
-        columns = {"text": list(frame["text"]), "label": list(frame["label"]),
-                   "labels": [label_ids[x] for x in frame["label"]], **encoded}
+        columns = {
+            "text": list(frame["text"]),
+            "label": list(frame["label"]),
+            "labels": [label_ids[x] for x in frame["label"]],
+            **encoded,
+        }
         parts[name] = Dataset.from_dict(columns)
     return DatasetDict(parts), tokenizer, truncated
 
@@ -235,8 +263,9 @@ def prepare_data(config: PipelineConfig, run_id: str) -> PreparedData:
         rows = {name: len(frame) for name, frame in splits.items()}
         _log(run_id, config, splits, rows, dropped, truncated, content_sha)
         ref = log_folder(run_id, out_dir, "data")
-    return PreparedData(dataset=ref, label_names=label_names, rows=rows,
-                        content_sha256=content_sha, dropped=dropped)
+    return PreparedData(
+        dataset=ref, label_names=label_names, rows=rows, content_sha256=content_sha, dropped=dropped
+    )
 
 
 def _log(run_id, config, splits, rows, dropped, truncated, content_sha) -> None:
@@ -251,15 +280,22 @@ def _log(run_id, config, splits, rows, dropped, truncated, content_sha) -> None:
     source = str(Path(config.data.path).resolve())
     inputs = []
     for name, frame in splits.items():
-        ds = mlflow.data.from_pandas(frame, source=source, targets="label",
-                                     name=f"{Path(config.data.path).stem}-{name}")
-        inputs.append(DatasetInput(ds._to_mlflow_entity(),
-                                   tags=[InputTag(MLFLOW_DATASET_CONTEXT, name)]))
+        ds = mlflow.data.from_pandas(
+            frame, source=source, targets="label", name=f"{Path(config.data.path).stem}-{name}"
+        )
+        inputs.append(
+            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, name)])
+        )
     MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
-@task(name="prepare-data", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
+@task(
+    name="prepare-data",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_user_error,
+)
 def prepare_data_task(config: PipelineConfig, run_id: str) -> PreparedData:
     """Prefect wrapper around prepare_data."""
     return prepare_data(config, run_id)

@@ -75,7 +75,9 @@ def quantization_config(settings: QuantizeConfig, isa: str) -> QuantizationConfi
     return factory(is_static=False, per_channel=settings.per_channel)
 
 
-def quantize(config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id: str) -> QuantizedModel:
+def quantize(
+    config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id: str
+) -> QuantizedModel:
     """Quantize, then gate on top-1 agreement with fp32 and on the accuracy drop."""
     connect(config.tracking)
     with stage_timer(run_id, "quantize"):
@@ -85,8 +87,9 @@ def quantize(config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id
             shutil.rmtree(out_dir)
         isa = instruction_set()
         quantizer = ORTQuantizer.from_pretrained(str(fp32_dir), file_name=ONNX_FILE)
-        quantizer.quantize(quantization_config=quantization_config(config.quantize, isa),
-                           save_dir=out_dir)
+        quantizer.quantize(
+            quantization_config=quantization_config(config.quantize, isa), save_dir=out_dir
+        )
         for item in fp32_dir.iterdir():  # tokenizer and config travel with the model
             if item.is_file() and item.suffix != ".onnx" and not (out_dir / item.name).exists():
                 shutil.copy2(item, out_dir / item.name)
@@ -97,35 +100,70 @@ def quantize(config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id
         fp32_pred = _predict(fp32_dir / ONNX_FILE, tokenizer, test["text"], config)
         int8_pred = _predict(out_dir / QUANTIZED_FILE, tokenizer, test["text"], config)
         agreement = float(np.mean(fp32_pred == int8_pred))
-        fp32_acc, int8_acc = float(np.mean(fp32_pred == y_true)), float(np.mean(int8_pred == y_true))
+        fp32_acc, int8_acc = (
+            float(np.mean(fp32_pred == y_true)),
+            float(np.mean(int8_pred == y_true)),
+        )
         fp32_mb = (fp32_dir / ONNX_FILE).stat().st_size / 2**20
         int8_mb = (out_dir / QUANTIZED_FILE).stat().st_size / 2**20
-        log_metrics(run_id, {"quantize.fp32_accuracy": fp32_acc, "quantize.int8_accuracy": int8_acc,
-                             "quantize.int8_size_mb": int8_mb, "quantize.size_ratio": int8_mb / fp32_mb})
-        set_tags(run_id, {"quantize.instruction_set": isa,
-                          "quantize.per_channel": str(config.quantize.per_channel)})
+        log_metrics(
+            run_id,
+            {
+                "quantize.fp32_accuracy": fp32_acc,
+                "quantize.int8_accuracy": int8_acc,
+                "quantize.int8_size_mb": int8_mb,
+                "quantize.size_ratio": int8_mb / fp32_mb,
+            },
+        )
+        set_tags(
+            run_id,
+            {
+                "quantize.instruction_set": isa,
+                "quantize.per_channel": str(config.quantize.per_channel),
+            },
+        )
         gates = [
-            log_gate(run_id, evaluate_gate("quantized_top1_agreement", agreement,
-                                           config.quantize.min_top1_agreement, ">=")),
-            log_gate(run_id, evaluate_gate("quantized_accuracy_drop", fp32_acc - int8_acc,
-                                           config.quantize.max_accuracy_drop, "<=")),
+            log_gate(
+                run_id,
+                evaluate_gate(
+                    "quantized_top1_agreement", agreement, config.quantize.min_top1_agreement, ">="
+                ),
+            ),
+            log_gate(
+                run_id,
+                evaluate_gate(
+                    "quantized_accuracy_drop",
+                    fp32_acc - int8_acc,
+                    config.quantize.max_accuracy_drop,
+                    "<=",
+                ),
+            ),
         ]
         for gate in gates:
             require(gate)
         ref = log_folder(run_id, out_dir, "onnx_int8")
-    return QuantizedModel(model=ref, instruction_set=isa, fp32_accuracy=fp32_acc,
-                          int8_accuracy=int8_acc, gates=gates)
+    return QuantizedModel(
+        model=ref, instruction_set=isa, fp32_accuracy=fp32_acc, int8_accuracy=int8_acc, gates=gates
+    )
 
 
 def _predict(model_file: Path, tokenizer, texts, config: PipelineConfig) -> np.ndarray:
     session = open_session(model_file, device="cpu", num_threads=config.serve.num_threads)
-    logits = session_logits(session, tokenizer, texts, config.data.max_length, config.eval.batch_size)
+    logits = session_logits(
+        session, tokenizer, texts, config.data.max_length, config.eval.batch_size
+    )
     return np.argmax(logits, axis=-1)
 
 
-@task(name="quantize", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-def quantize_task(config: PipelineConfig, data: PreparedData, onnx: OnnxModel,
-                  run_id: str) -> QuantizedModel:
+@task(
+    name="quantize",
+    retries=1,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_user_error,
+)
+def quantize_task(
+    config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id: str
+) -> QuantizedModel:
     """Prefect wrapper around quantize."""
     return quantize(config, data, onnx, run_id)

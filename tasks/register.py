@@ -48,8 +48,9 @@ class Registration:
     gates: list[Gate]
 
 
-def build_serving_folder(config: PipelineConfig, data: PreparedData,
-                         quantized: QuantizedModel, run_id: str) -> Path:
+def build_serving_folder(
+    config: PipelineConfig, data: PreparedData, quantized: QuantizedModel, run_id: str
+) -> Path:
     """The quantized model, its tokenizer and serving.json (labels, file, max length)."""
     src = quantized.model.fetch()
     out_dir = Path(config.output_dir) / run_id / "serving_model"
@@ -59,14 +60,19 @@ def build_serving_folder(config: PipelineConfig, data: PreparedData,
     for item in src.iterdir():
         if item.is_file() and (item.suffix != ".onnx" or item.name == QUANTIZED_FILE):
             shutil.copy2(item, out_dir / item.name)
-    spec = {"label_names": data.label_names, "model_file": QUANTIZED_FILE,
-            "max_length": config.data.max_length,
-            "device": "cuda" if config.serve.device == "cuda" else "cpu"}
+    spec = {
+        "label_names": data.label_names,
+        "model_file": QUANTIZED_FILE,
+        "max_length": config.data.max_length,
+        "device": "cuda" if config.serve.device == "cuda" else "cpu",
+    }
     (out_dir / "serving.json").write_text(json.dumps(spec, indent=2))
     return out_dir
 
 
-def champion_gate(config: PipelineConfig, candidate: ServeReport, evaluation: Evaluation) -> Gate | None:
+def champion_gate(
+    config: PipelineConfig, candidate: ServeReport, evaluation: Evaluation
+) -> Gate | None:
     """Candidate's served metric minus production's on the same test split (None: no holder)."""
     if evaluation.production_metrics is None:
         return None
@@ -103,9 +109,15 @@ def log_serving_model(config: PipelineConfig, serving_dir: Path, run_id: str) ->
     return info.model_uri
 
 
-def register(config: PipelineConfig, data: PreparedData, evaluation: Evaluation,
-             quantized: QuantizedModel, serve: ServeReport, gates: list[Gate],
-             run_id: str) -> Registration:
+def register(
+    config: PipelineConfig,
+    data: PreparedData,
+    evaluation: Evaluation,
+    quantized: QuantizedModel,
+    serve: ServeReport,
+    gates: list[Gate],
+    run_id: str,
+) -> Registration:
     """Register the model, tag gates, set challenger, maybe move production; log a report."""
     client, _ = connect(config.tracking)
     name = config.registry.model_name
@@ -121,53 +133,86 @@ def register(config: PipelineConfig, data: PreparedData, evaluation: Evaluation,
         version = mlflow.register_model(model_uri, name, await_registration_for=300).version
         previous = version_by_alias(client, name, PRODUCTION)
         try:
-            tags = {f"gate.{g.name}": f"{'passed' if g.passed else 'failed'} ({g.value:.6g} "
-                    f"{g.comparison} {g.threshold:.6g})" for g in all_gates}
+            tags = {
+                f"gate.{g.name}": f"{'passed' if g.passed else 'failed'} ({g.value:.6g} "
+                f"{g.comparison} {g.threshold:.6g})"
+                for g in all_gates
+            }
             tags |= {f"served.{k}": f"{v:.4f}" for k, v in serve.metrics.items()}
-            tags |= {"run_id": run_id, "serve.provider": serve.provider,
-                     "data.content_sha256": data.content_sha256, "promotion": reason}
+            tags |= {
+                "run_id": run_id,
+                "serve.provider": serve.provider,
+                "data.content_sha256": data.content_sha256,
+                "promotion": reason,
+            }
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, key, value)
             client.set_registered_model_alias(name, CHALLENGER, version)
             if promote:
                 if previous is not None:
-                    client.set_model_version_tag(name, version, "previous_production", str(previous.version))
+                    client.set_model_version_tag(
+                        name, version, "previous_production", str(previous.version)
+                    )
                 client.set_registered_model_alias(name, PRODUCTION, version)
         except Exception:
             client.delete_model_version(name, version)  # leave nothing half-written behind
             raise
-        result = Registration(model_name=name, version=str(version),
-                              model_uri=f"models:/{name}/{version}", promoted=promote,
-                              reason=reason,
-                              previous_production=str(previous.version) if previous else None,
-                              gates=all_gates)
+        result = Registration(
+            model_name=name,
+            version=str(version),
+            model_uri=f"models:/{name}/{version}",
+            promoted=promote,
+            reason=reason,
+            previous_production=str(previous.version) if previous else None,
+            gates=all_gates,
+        )
         _report(run_id, result, serve, evaluation)
     return result
 
 
 def _report(run_id: str, result: Registration, serve: ServeReport, evaluation: Evaluation) -> None:
     """Promotion report as JSON and Markdown in MLflow, and as a Prefect artifact."""
-    report = asdict(result) | {"candidate_served_metrics": serve.metrics,
-                               "candidate_adapter_metrics": {k: evaluation.metrics[k]
-                                                             for k in ("accuracy", "macro_f1")},
-                               "production_metrics": evaluation.production_metrics,
-                               "timings": serve.timings}
+    report = asdict(result) | {
+        "candidate_served_metrics": serve.metrics,
+        "candidate_adapter_metrics": {k: evaluation.metrics[k] for k in ("accuracy", "macro_f1")},
+        "production_metrics": evaluation.production_metrics,
+        "timings": serve.timings,
+    }
     log_json(run_id, report, "promotion/report.json")
-    rows = "\n".join(f"| {g.name} | {g.value:.6g} | {g.comparison} {g.threshold:.6g} | "
-                     f"{'pass' if g.passed else 'FAIL'} |" for g in result.gates)
-    markdown = (f"# {result.model_name} v{result.version}\n\n"
-                f"**Production moved:** {'yes' if result.promoted else 'no'} ({result.reason})\n\n"
-                f"| gate | value | required | result |\n|---|---|---|---|\n{rows}\n")
+    rows = "\n".join(
+        f"| {g.name} | {g.value:.6g} | {g.comparison} {g.threshold:.6g} | "
+        f"{'pass' if g.passed else 'FAIL'} |"
+        for g in result.gates
+    )
+    markdown = (
+        f"# {result.model_name} v{result.version}\n\n"
+        f"**Production moved:** {'yes' if result.promoted else 'no'} ({result.reason})\n\n"
+        f"| gate | value | required | result |\n|---|---|---|---|\n{rows}\n"
+    )
     MlflowClient().log_text(run_id, markdown, "promotion/report.md")
     if FlowRunContext.get() is not None:  # outside a Prefect run there is nowhere to show it
-        create_markdown_artifact(markdown=markdown, key="promotion-report",
-                                 description=f"{result.model_name} v{result.version}")
+        create_markdown_artifact(
+            markdown=markdown,
+            key="promotion-report",
+            description=f"{result.model_name} v{result.version}",
+        )
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-def register_task(config: PipelineConfig, data: PreparedData, evaluation: Evaluation,
-                  quantized: QuantizedModel, serve: ServeReport, gates: list[Gate],
-                  run_id: str) -> Registration:
+@task(
+    name="register",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_user_error,
+)
+def register_task(
+    config: PipelineConfig,
+    data: PreparedData,
+    evaluation: Evaluation,
+    quantized: QuantizedModel,
+    serve: ServeReport,
+    gates: list[Gate],
+    run_id: str,
+) -> Registration:
     """Prefect wrapper around register."""
     return register(config, data, evaluation, quantized, serve, gates, run_id)

@@ -26,8 +26,15 @@ from tasks.gates import Gate
 
 DEFAULT_STORE = Path("mlruns")
 TRACKED_PACKAGES = (
-    "torch", "transformers", "datasets", "optimum", "optimum-onnx", "onnxruntime",
-    "onnxruntime-gpu", "mlflow", "prefect",
+    "torch",
+    "transformers",
+    "datasets",
+    "optimum",
+    "optimum-onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "mlflow",
+    "prefect",
 )
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch call
 
@@ -67,7 +74,10 @@ def connect(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
 def _git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.SubprocessError):
@@ -88,6 +98,7 @@ def package_versions() -> dict[str, str]:
 def _prefect_flow_run_id() -> str:
     try:
         from prefect.runtime import flow_run
+
         return str(flow_run.id or "none")
     except Exception:  # noqa: BLE001 - outside Prefect there is no flow run
         return "none"
@@ -107,8 +118,11 @@ def start_pipeline_run(config: PipelineConfig, run_name: str | None = None) -> s
     params = [Param(k, str(v)[:6000]) for k, v in sorted(config.flat().items())]
     for start in range(0, len(params), _BATCH):
         client.log_batch(run_id, params=params[start : start + _BATCH])
-    client.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-                    "config/resolved.yaml")
+    client.log_text(
+        run_id,
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        "config/resolved.yaml",
+    )
     return run_id
 
 
@@ -132,8 +146,10 @@ def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
 
 def log_gate(run_id: str, gate: Gate) -> Gate:
     """Record a gate as metrics (value, passed) and a JSON artifact; return it unchanged."""
-    log_metrics(run_id, {f"gate.{gate.name}.value": gate.value,
-                         f"gate.{gate.name}.passed": float(gate.passed)})
+    log_metrics(
+        run_id,
+        {f"gate.{gate.name}.value": gate.value, f"gate.{gate.name}.passed": float(gate.passed)},
+    )
     MlflowClient().log_dict(run_id, gate.as_dict(), f"gates/{gate.name}.json")
     return gate
 

@@ -22,7 +22,7 @@ from transformers import (
 
 from lora_core import save_adapter
 from tasks.config import PipelineConfig, TrainConfig
-from tasks.errors import retry_unless_user_error
+from tasks.errors import TrainingError, retry_unless_user_error
 from tasks.metrics import classification_metrics
 from tasks.modeling import build_lora_model, load_tokenizer, resolve_model_path
 from tasks.prepare_data import PreparedData
@@ -76,7 +76,7 @@ class MlflowStepLogger(TrainerCallback):
         for key, value in logs.items():
             if not isinstance(value, int | float) or key == "epoch":
                 continue
-            name = key[len("eval_"):] if key.startswith("eval_") else key
+            name = key[len("eval_") :] if key.startswith("eval_") else key
             prefix = "eval" if key.startswith("eval_") else "train"
             metrics[f"{prefix}.{name}"] = value
         if metrics:
@@ -84,23 +84,27 @@ class MlflowStepLogger(TrainerCallback):
             log_metrics(self.run_id, metrics, step=state.global_step)
 
 
-class NonFiniteLossGuard(TrainerCallback):
-    """Stops training at the first NaN/inf loss instead of training on garbage."""
+class GuardedTrainer(Trainer):
+    """Trainer that stops at the first NaN/inf loss instead of training on garbage."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss} at step {state.global_step}: lower "
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"training loss became {value} at step {self.state.global_step + 1}: lower "
                 f"train.learning_rate, or use precision fp32 / bf16 instead of fp16"
             )
+        return loss
 
 
 def _compute_metrics(label_names):
     def compute(eval_pred):
         logits, labels = eval_pred
-        return classification_metrics(labels, np.argmax(logits, axis=-1), label_names,
-                                      per_class=False)
+        return classification_metrics(
+            labels, np.argmax(logits, axis=-1), label_names, per_class=False
+        )
+
     return compute
 
 
@@ -144,43 +148,68 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
         device = pick_device(config.train)
         precision = pick_precision(config.train, device)
         out_dir = Path(config.output_dir) / run_id
-        trainer = Trainer(
+        trainer = GuardedTrainer(
             model=model,
             args=training_arguments(config, out_dir, device, precision),
             train_dataset=dataset["train"],
             eval_dataset=dataset["validation"] if "validation" in dataset else None,
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=_compute_metrics(data.label_names),
-            callbacks=[NonFiniteLossGuard(), MlflowStepLogger(run_id)],
+            callbacks=[MlflowStepLogger(run_id)],
         )
         result = trainer.train()
         n_tokens = int(sum(len(ids) for ids in dataset["train"]["input_ids"]))
         epochs_done = result.metrics.get("epoch", config.train.epochs)
-        log_metrics(run_id, {
-            "train.trainable_params": report.trainable_params,
-            "train.total_params": report.total_params,
-            "train.trainable_fraction": report.trainable_params / report.total_params,
-            "train.runtime_seconds": result.metrics["train_runtime"],
-            "train.samples_per_second": result.metrics["train_samples_per_second"],
-            "train.tokens_per_second": n_tokens * epochs_done / result.metrics["train_runtime"],
-            "train.final_loss": result.training_loss,
-        }, step=result.global_step)
-        set_tags(run_id, {"train.device": device, "train.precision": precision,
-                          "lora.target_names": ",".join(report.target_names)[:5000]})
+        log_metrics(
+            run_id,
+            {
+                "train.trainable_params": report.trainable_params,
+                "train.total_params": report.total_params,
+                "train.trainable_fraction": report.trainable_params / report.total_params,
+                "train.runtime_seconds": result.metrics["train_runtime"],
+                "train.samples_per_second": result.metrics["train_samples_per_second"],
+                "train.tokens_per_second": n_tokens * epochs_done / result.metrics["train_runtime"],
+                "train.final_loss": result.training_loss,
+            },
+            step=result.global_step,
+        )
+        set_tags(
+            run_id,
+            {
+                "train.device": device,
+                "train.precision": precision,
+                "lora.target_names": ",".join(report.target_names)[:5000],
+            },
+        )
         adapter_dir = out_dir / "adapter"
         model.cpu()
-        save_adapter(model, adapter_dir, base_model_name_or_path=resolve_model_path(
-            config.model.name_or_path), task_type="SEQ_CLS")
+        save_adapter(
+            model,
+            adapter_dir,
+            base_model_name_or_path=resolve_model_path(config.model.name_or_path),
+            task_type="SEQ_CLS",
+        )
         tokenizer.save_pretrained(str(adapter_dir))
         (adapter_dir / "label_names.json").write_text(json.dumps(data.label_names))
         ref = log_folder(run_id, adapter_dir, "adapter")
-    return TrainedAdapter(adapter=ref, device=device, precision=precision,
-                          trainable_params=report.trainable_params,
-                          total_params=report.total_params, global_steps=result.global_step)
+    return TrainedAdapter(
+        adapter=ref,
+        device=device,
+        precision=precision,
+        trainable_params=report.trainable_params,
+        total_params=report.total_params,
+        global_steps=result.global_step,
+    )
 
 
-@task(name="train-lora", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error, tags=["gpu"])
+@task(
+    name="train-lora",
+    retries=1,
+    retry_delay_seconds=10,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless_user_error,
+    tags=["gpu"],
+)
 def train_lora_task(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
     """Prefect wrapper around train_lora."""
     return train_lora(config, data, run_id)

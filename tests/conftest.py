@@ -31,9 +31,15 @@ def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
     tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(str(out_dir))
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(specials) + len(words), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=37, max_position_embeddings=256,
-                        initializer_range=0.2)  # larger than BERT's 0.02: logits that depend on the input
+    config = BertConfig(
+        vocab_size=len(specials) + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )  # larger than BERT's 0.02: logits that depend on the input
     BertModel(config).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
 
@@ -65,10 +71,18 @@ def tiny_config_dict(tmp: Path, model_dir: Path, data_path: Path) -> dict:
         "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "train": {"epochs": 2, "batch_size": 16, "learning_rate": 0.01, "logging_steps": 2},
         "quantize": {"min_top1_agreement": 0.5, "max_accuracy_drop": 0.5},
-        "serve": {"latency_runs": 5, "warmup_runs": 1, "throughput_batch_size": 8, "num_threads": 1},
+        "serve": {
+            "latency_runs": 5,
+            "warmup_runs": 1,
+            "throughput_batch_size": 8,
+            "num_threads": 1,
+        },
         "registry": {"model_name": "tiny-classifier"},
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "tests",
-                     "artifact_location": (tmp / "artifacts").as_uri()},
+        "tracking": {
+            "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "experiment": "tests",
+            "artifact_location": (tmp / "artifacts").as_uri(),
+        },
         "output_dir": str(tmp / "outputs"),
     }
 
@@ -79,8 +93,9 @@ def make_tiny_config(tiny_bert, small_csv):
     from tasks.config import apply_overrides, config_from_dict
 
     def make(tmp: Path, overrides: list[str] = ()):
-        return config_from_dict(apply_overrides(tiny_config_dict(tmp, tiny_bert, small_csv),
-                                                list(overrides)))
+        return config_from_dict(
+            apply_overrides(tiny_config_dict(tmp, tiny_bert, small_csv), list(overrides))
+        )
 
     return make
 

@@ -24,7 +24,9 @@ def test_default_config_is_valid_and_points_at_the_packaged_model():
 
 
 def test_overrides_are_parsed_as_yaml():
-    config = load_config(DEFAULT, ["train.epochs=1", "lora.target_modules=[query]", "registry.promote=false"])
+    config = load_config(
+        DEFAULT, ["train.epochs=1", "lora.target_modules=[query]", "registry.promote=false"]
+    )
     assert config.train.epochs == 1 and config.lora.target_modules == ["query"]
     assert config.registry.promote is False
 
@@ -34,19 +36,24 @@ def test_unknown_key_names_its_path(tmp_path):
     path.write_text("data: {path: x.csv}\nlora: {rank: 4}\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == (f"invalid config {path}:\n"
-                              "  lora.rank: unknown key (check its spelling; see configs/default.yaml)")
+    assert str(err.value) == (
+        f"invalid config {path}:\n"
+        "  lora.rank: unknown key (check its spelling; see configs/default.yaml)"
+    )
 
 
 def test_out_of_range_values_are_listed(tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(DEFAULT, ["train.epochs=0", "lora.r=0", "train.learning_rate=-1", "train.batch_size=0"])
+        load_config(
+            DEFAULT, ["train.epochs=0", "lora.r=0", "train.learning_rate=-1", "train.batch_size=0"]
+        )
     assert str(err.value) == (
         f"invalid config {DEFAULT}:\n"
         "  lora.r: Input should be greater than 0 (got 0)\n"
         "  train.epochs: Input should be greater than 0 (got 0)\n"
         "  train.batch_size: Input should be greater than 0 (got 0)\n"
-        "  train.learning_rate: Input should be greater than 0 (got -1)")
+        "  train.learning_rate: Input should be greater than 0 (got -1)"
+    )
 
 
 def test_invalid_yaml(tmp_path):
@@ -59,27 +66,37 @@ def test_invalid_yaml(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "nope.yaml")
-    assert str(err.value) == (f"config file {tmp_path / 'nope.yaml'} not found: pass an existing "
-                              "YAML file (e.g. configs/default.yaml)")
+    assert str(err.value) == (
+        f"config file {tmp_path / 'nope.yaml'} not found: pass an existing "
+        "YAML file (e.g. configs/default.yaml)"
+    )
 
 
 def test_bad_override_syntax():
     with pytest.raises(ConfigError) as err:
         load_config(DEFAULT, ["train.epochs"])
-    assert str(err.value) == ("override 'train.epochs' is not KEY=VALUE: write it like "
-                              "train.epochs=2 or lora.r=16")
+    assert str(err.value) == (
+        "override 'train.epochs' is not KEY=VALUE: write it like train.epochs=2 or lora.r=16"
+    )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_prints_config_errors_without_traceback():
     result = _cli("check-config", "--set", "lora.r=0")
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: invalid config configs/default.yaml:\n"
-                                     "  lora.r: Input should be greater than 0 (got 0)")
+    assert result.stderr.strip() == (
+        "error: invalid config configs/default.yaml:\n"
+        "  lora.r: Input should be greater than 0 (got 0)"
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -91,9 +108,17 @@ def test_cli_check_config_prints_the_resolved_config():
 
 def test_cli_run_reports_a_missing_data_file_and_registers_nothing(tmp_path):
     db = tmp_path / "mlflow.db"
-    result = _cli("run", "--set", f"data.path={tmp_path / 'missing.csv'}",
-                  "--set", f"tracking.uri=sqlite:///{db}", "--set", f"output_dir={tmp_path / 'out'}",
-                  "--set", f"tracking.artifact_location={(tmp_path / 'art').as_uri()}")
+    result = _cli(
+        "run",
+        "--set",
+        f"data.path={tmp_path / 'missing.csv'}",
+        "--set",
+        f"tracking.uri=sqlite:///{db}",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+        "--set",
+        f"tracking.artifact_location={(tmp_path / 'art').as_uri()}",
+    )
     assert result.returncode == 2
     assert f"error: data.path '{tmp_path / 'missing.csv'}' does not exist" in result.stderr
     assert "Traceback" not in result.stderr

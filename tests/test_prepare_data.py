@@ -17,10 +17,14 @@ from tasks.tracking import start_pipeline_run
 
 
 def _rows(n_per_class: int, labels=("a", "b", "c")) -> pd.DataFrame:
-    return pd.DataFrame({
-        "text": [f"message number {i} about {label}" for label in labels for i in range(n_per_class)],
-        "label": [label for label in labels for _ in range(n_per_class)],
-    })
+    return pd.DataFrame(
+        {
+            "text": [
+                f"message number {i} about {label}" for label in labels for i in range(n_per_class)
+            ],
+            "label": [label for label in labels for _ in range(n_per_class)],
+        }
+    )
 
 
 def test_single_file_split_is_stratified_seeded_and_disjoint(tmp_path):
@@ -40,8 +44,12 @@ def test_single_file_split_is_stratified_seeded_and_disjoint(tmp_path):
 
 def test_cleaning_strips_and_drops_empty_and_duplicate_texts(tmp_path):
     frame = _rows(20)
-    extra = pd.DataFrame({"text": ["  message number 0 about a  ", "", "   ", None, "new one"],
-                          "label": ["a", "a", "b", "c", None]})
+    extra = pd.DataFrame(
+        {
+            "text": ["  message number 0 about a  ", "", "   ", None, "new one"],
+            "label": ["a", "a", "b", "c", None],
+        }
+    )
     path = tmp_path / "d.jsonl"
     pd.concat([frame, extra]).to_json(path, orient="records", lines=True)
     splits, dropped, _ = build_splits(DataConfig(path=str(path)))
@@ -53,9 +61,17 @@ def test_cleaning_strips_and_drops_empty_and_duplicate_texts(tmp_path):
 def test_folder_splits_remove_texts_leaked_from_train(tmp_path):
     train, test = _rows(10), _rows(3)
     test.loc[0, "text"] = "a brand new test text"
-    validation = pd.DataFrame({"text": ["message number 1 about a", "fresh validation text",
-                                        "another fresh one", "third fresh one"],
-                               "label": ["a", "b", "c", "a"]})
+    validation = pd.DataFrame(
+        {
+            "text": [
+                "message number 1 about a",
+                "fresh validation text",
+                "another fresh one",
+                "third fresh one",
+            ],
+            "label": ["a", "b", "c", "a"],
+        }
+    )
     train.to_parquet(tmp_path / "train.parquet")
     validation.to_parquet(tmp_path / "validation.parquet")
     test.to_parquet(tmp_path / "test.parquet")
@@ -67,7 +83,9 @@ def test_folder_splits_remove_texts_leaked_from_train(tmp_path):
 
 def test_folder_without_test_file_carves_one_from_train(tmp_path):
     _rows(30).to_csv(tmp_path / "train.csv", index=False)
-    splits, _, _ = build_splits(DataConfig(path=str(tmp_path), split={"validation": 0.0, "test": 0.2}))
+    splits, _, _ = build_splits(
+        DataConfig(path=str(tmp_path), split={"validation": 0.0, "test": 0.2})
+    )
     assert set(splits) == {"train", "test"} and len(splits["test"]) == 18
 
 
@@ -92,24 +110,30 @@ def test_prepare_data_tokenizes_without_padding_and_logs(tiny_config):
     contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(contexts) == {"train", "validation", "test"}
     assert all(ds.digest for ds in contexts.values())
-    assert "tokenized" in {a.path.split("/")[-1] for a in MlflowClient().list_artifacts(run_id, "data")}
+    assert "tokenized" in {
+        a.path.split("/")[-1] for a in MlflowClient().list_artifacts(run_id, "data")
+    }
     assert mlflow.get_tracking_uri().startswith("sqlite:")
 
 
 # ---- bad inputs: the exact message tells what, where and how to fix ------------------------
+
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError) as err:
         build_splits(DataConfig(path=str(tmp_path / "nope.csv")))
     assert str(err.value) == (
         f"data.path {str(tmp_path / 'nope.csv')!r} does not exist: point it at a CSV/JSONL/Parquet "
-        "file or a folder with train/validation/test files")
+        "file or a folder with train/validation/test files"
+    )
 
 
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("")
-    with pytest.raises(DataError, match=r"^data file .*empty.csv is empty: it needs a header and at least one row$"):
+    with pytest.raises(
+        DataError, match=r"^data file .*empty.csv is empty: it needs a header and at least one row$"
+    ):
         build_splits(DataConfig(path=str(path)))
 
 
@@ -118,8 +142,10 @@ def test_unknown_format(tmp_path):
     path.write_text("x")
     with pytest.raises(DataError) as err:
         build_splits(DataConfig(path=str(path)))
-    assert str(err.value) == (f"data file {path}: unknown format '.xlsx'; use .csv, .jsonl or "
-                              ".parquet, or set data.format to csv, json or parquet")
+    assert str(err.value) == (
+        f"data file {path}: unknown format '.xlsx'; use .csv, .jsonl or "
+        ".parquet, or set data.format to csv, json or parquet"
+    )
 
 
 def test_missing_column_lists_columns_found(tmp_path):
@@ -127,8 +153,10 @@ def test_missing_column_lists_columns_found(tmp_path):
     pd.DataFrame({"body": ["x", "y"], "label": ["a", "b"]}).to_csv(path, index=False)
     with pytest.raises(DataError) as err:
         build_splits(DataConfig(path=str(path)))
-    assert str(err.value) == (f"data file {path} has no column 'text'; columns found: 'body', "
-                              "'label'; set data.text_column / data.label_column")
+    assert str(err.value) == (
+        f"data file {path} has no column 'text'; columns found: 'body', "
+        "'label'; set data.text_column / data.label_column"
+    )
 
 
 def test_only_empty_texts(tmp_path):
@@ -136,8 +164,10 @@ def test_only_empty_texts(tmp_path):
     pd.DataFrame({"text": ["  ", None], "label": ["a", "b"]}).to_csv(path, index=False)
     with pytest.raises(DataError) as err:
         build_splits(DataConfig(path=str(path)))
-    assert str(err.value) == (f"data {path}: no rows left after dropping empty texts and missing "
-                              "labels (2 empty texts, 0 missing labels)")
+    assert str(err.value) == (
+        f"data {path}: no rows left after dropping empty texts and missing "
+        "labels (2 empty texts, 0 missing labels)"
+    )
 
 
 def test_one_class_only(tmp_path):
@@ -146,24 +176,32 @@ def test_one_class_only(tmp_path):
     splits, _, _ = build_splits(DataConfig(path=str(path)))
     with pytest.raises(DataError) as err:
         check_labels(splits)
-    assert str(err.value) == ("data: the training split has only one class ('only'); "
-                              "classification needs at least two")
+    assert str(err.value) == (
+        "data: the training split has only one class ('only'); classification needs at least two"
+    )
 
 
 def test_class_in_test_but_not_in_train(tmp_path):
     _rows(10, labels=("a", "b")).to_csv(tmp_path / "train.csv", index=False)
     _rows(2, labels=("a", "zzz")).assign(text=lambda f: f["text"] + " test").to_csv(
-        tmp_path / "test.csv", index=False)
-    splits, _, _ = build_splits(DataConfig(path=str(tmp_path), split={"validation": 0.0, "test": 0.2}))
+        tmp_path / "test.csv", index=False
+    )
+    splits, _, _ = build_splits(
+        DataConfig(path=str(tmp_path), split={"validation": 0.0, "test": 0.2})
+    )
     with pytest.raises(DataError) as err:
         check_labels(splits)
-    assert str(err.value) == "data: the test split has classes not in train: 'zzz'; add training rows for them"
+    assert (
+        str(err.value)
+        == "data: the test split has classes not in train: 'zzz'; add training rows for them"
+    )
 
 
 def test_numeric_labels_become_names(tmp_path):
     path = tmp_path / "d.csv"
-    pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": [i % 3 for i in range(30)]}).to_csv(
-        path, index=False)
+    pd.DataFrame(
+        {"text": [f"t{i}" for i in range(30)], "label": [i % 3 for i in range(30)]}
+    ).to_csv(path, index=False)
     splits, _, _ = build_splits(DataConfig(path=str(path)))
     assert check_labels(splits) == ["0", "1", "2"]
 
@@ -171,15 +209,21 @@ def test_numeric_labels_become_names(tmp_path):
 def test_non_utf8_file(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes("text,label\ncaf\xe9 au lait,a\nother,b\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"^data file .*d.csv (is not UTF-8 text|could not be read as csv)"):
+    with pytest.raises(
+        DataError, match=r"^data file .*d.csv (is not UTF-8 text|could not be read as csv)"
+    ):
         build_splits(DataConfig(path=str(path)))
 
 
 def test_class_too_small_to_stratify(tmp_path):
     path = tmp_path / "d.csv"
-    frame = pd.concat([_rows(10, labels=("a", "b")), pd.DataFrame({"text": ["lonely"], "label": ["c"]})])
+    frame = pd.concat(
+        [_rows(10, labels=("a", "b")), pd.DataFrame({"text": ["lonely"], "label": ["c"]})]
+    )
     frame.to_csv(path, index=False)
     with pytest.raises(DataError) as err:
         build_splits(DataConfig(path=str(path)))
-    assert str(err.value) == ("data: classes 'c' have fewer than 2 rows; a stratified split needs "
-                              "at least 2 rows per class (add rows)")
+    assert str(err.value) == (
+        "data: classes 'c' have fewer than 2 rows; a stratified split needs "
+        "at least 2 rows per class (add rows)"
+    )

