@@ -23,6 +23,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=1 (repeatable)",
     )
+    for action, text in (
+        ("promote", "move production to a registered version"),
+        ("rollback", "move production back to the previous version"),
+    ):
+        move = sub.add_parser(action, help=text)
+        move.add_argument("--model", required=True, help="registered model name")
+        if action == "promote":
+            move.add_argument("--version", required=True, help="version number to promote")
+            move.add_argument("--force", action="store_true", help="promote despite failed gates")
+        move.add_argument(
+            "--config",
+            default="configs/default.yaml",
+            help="config whose tracking section names the MLflow store",
+        )
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("--config", default="configs/default.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -53,10 +67,22 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             print(json.dumps(config.model_dump(mode="json"), indent=2))
             return 0
-        from flows.retrain import retrain_flow
+        if args.command in ("promote", "rollback"):
+            from flows.promote import promote_flow
 
-        _install_log_filter()
-        result = retrain_flow(config_path=args.config, overrides=args.overrides)
+            _install_log_filter()
+            result = promote_flow(
+                model_name=args.model,
+                action=args.command,
+                version=getattr(args, "version", None),
+                config_path=args.config,
+                force=getattr(args, "force", False),
+            )
+        else:
+            from flows.retrain import retrain_flow
+
+            _install_log_filter()
+            result = retrain_flow(config_path=args.config, overrides=args.overrides)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

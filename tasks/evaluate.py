@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -29,6 +29,8 @@ class Evaluation:
     metrics: dict[str, float]
     production_metrics: dict[str, float] | None
     production_version: str | None
+    labels: list[int] = field(default_factory=list)
+    production_predictions: list[int] | None = None
 
 
 def load_test_split(data: PreparedData):
@@ -90,7 +92,13 @@ def evaluate(
             )
         table.to_csv(out_dir / "test_predictions.csv", index=False)
         log_folder(run_id, out_dir, "evaluation")
-    return Evaluation(metrics=metrics, production_metrics=prod_metrics, production_version=version)
+    return Evaluation(
+        metrics=metrics,
+        production_metrics=prod_metrics,
+        production_version=version,
+        labels=[int(y) for y in y_true],
+        production_predictions=None if prod_pred is None else [int(p) for p in prod_pred],
+    )
 
 
 @task(

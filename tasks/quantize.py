@@ -1,23 +1,35 @@
-"""Stage 6: dynamic int8 quantization with onnxruntime (through optimum), gated on agreement."""
+"""Stage 6: quantize the ONNX model, score and time every variant, ship the fastest that passes.
+
+CPU targets try int8 variants (dynamic or static, per-channel or per-tensor) with the kernels
+that fit this CPU; a variant ships only if it passes the agreement and accuracy gates and is
+faster than fp32 at batch 1. Otherwise fp32 ships and the reason is recorded. A GPU target
+(serve.device cuda) ships fp16 ONNX for the CUDA provider instead.
+"""
 
 from __future__ import annotations
 
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datasets import load_from_disk
 from optimum.onnxruntime import ORTQuantizer
-from optimum.onnxruntime.configuration import AutoQuantizationConfig, QuantizationConfig
+from optimum.onnxruntime.configuration import (
+    AutoCalibrationConfig,
+    AutoQuantizationConfig,
+    QuantizationConfig,
+)
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import PipelineConfig, QuantizeConfig
-from tasks.errors import retry_unless_user_error
+from tasks.config import PipelineConfig
+from tasks.errors import GateFailed, retry_unless_user_error
 from tasks.evaluate import load_test_split
 from tasks.export_onnx import ONNX_FILE, OnnxModel
-from tasks.gates import Gate, evaluate_gate, require
+from tasks.gates import Gate, evaluate_gate
+from tasks.latency import latency_ms
 from tasks.modeling import load_tokenizer
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
@@ -26,23 +38,45 @@ from tasks.tracking import (
     connect,
     log_folder,
     log_gate,
+    log_json,
     log_metrics,
     set_tags,
     stage_timer,
 )
 
-QUANTIZED_FILE = "model_quantized.onnx"
+SERVED_FILE = "model_served.onnx"  # whichever variant ships, under one name
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One variant's scores: agreement and accuracy vs fp32, batch-1 latency, size, gates."""
+
+    name: str
+    model_file: str
+    accuracy: float
+    top1_agreement: float
+    p50_ms: float
+    size_mb: float
+    gates: list[Gate] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
 
 
 @dataclass(frozen=True)
 class QuantizedModel:
-    """The int8 ONNX model folder (model_quantized.onnx + tokenizer + config) and its gates."""
+    """The folder that will be served (SERVED_FILE + tokenizer + config) and why it was chosen."""
 
     model: ArtifactRef
+    variant: str
     instruction_set: str
     fp32_accuracy: float
-    int8_accuracy: float
+    served_accuracy: float
+    reason: str
     gates: list[Gate]
+    candidates: list[Candidate]
 
 
 def cpu_flags() -> set[str]:
@@ -69,90 +103,238 @@ def instruction_set(flags: set[str] | None = None, machine: str | None = None) -
     return "avx2"
 
 
-def quantization_config(settings: QuantizeConfig, isa: str) -> QuantizationConfig:
-    """optimum's dynamic int8 config for the instruction set."""
-    factory = getattr(AutoQuantizationConfig, isa)
-    return factory(is_static=False, per_channel=settings.per_channel)
+def quantization_config(variant: str, isa: str) -> QuantizationConfig:
+    """optimum's int8 config for a variant name like 'static_per_channel' on an ISA."""
+    mode, _, granularity = variant.partition("_per_")
+    return getattr(AutoQuantizationConfig, isa)(
+        is_static=mode == "static", per_channel=granularity == "channel"
+    )
+
+
+def _calibration_set(data: PreparedData, samples: int):
+    train = load_from_disk(str(data.dataset.fetch() / "tokenized"))["train"]
+    columns = [c for c in MODEL_INPUTS if c in train.column_names]
+    return train.select(range(min(samples, len(train)))).select_columns(columns)
+
+
+def quantize_variant(
+    fp32_dir: Path,
+    out_dir: Path,
+    variant: str,
+    isa: str,
+    data: PreparedData,
+    config: PipelineConfig,
+) -> Path:
+    """Write one int8 variant; static variants are calibrated (min/max) on training texts."""
+    qconfig = quantization_config(variant, isa)
+    quantizer = ORTQuantizer.from_pretrained(str(fp32_dir), file_name=ONNX_FILE)
+    ranges = None
+    if qconfig.is_static:
+        calibration = _calibration_set(data, config.quantize.calibration_samples)
+        ranges = quantizer.fit(
+            dataset=calibration,
+            calibration_config=AutoCalibrationConfig.minmax(calibration),
+            onnx_augmented_model_name=str(out_dir / "augmented_model.onnx"),
+            operators_to_quantize=qconfig.operators_to_quantize,
+        )
+        (out_dir / "augmented_model.onnx").unlink(missing_ok=True)
+    quantizer.quantize(
+        quantization_config=qconfig,
+        save_dir=out_dir,
+        file_suffix=None,
+        calibration_tensors_range=ranges,
+    )
+    return out_dir / ONNX_FILE
+
+
+def convert_fp16(fp32_file: Path, out_file: Path) -> Path:
+    """fp16 weights and activations, fp32 inputs/outputs (for the CUDA provider)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_file)), keep_io_types=True)
+    onnx.save(model, str(out_file))
+    return out_file
+
+
+def _score(
+    model_file: Path,
+    name: str,
+    tokenizer,
+    test,
+    config: PipelineConfig,
+    device: str,
+    fp32_pred: np.ndarray | None,
+) -> tuple[Candidate, np.ndarray]:
+    session = open_session(model_file, device=device, num_threads=config.serve.num_threads)
+    predictions = np.argmax(
+        session_logits(
+            session, tokenizer, test["text"], config.data.max_length, config.eval.batch_size
+        ),
+        axis=-1,
+    )
+    singles = [
+        tokenizer([t], truncation=True, max_length=config.data.max_length, return_tensors="np")
+        for t in test["text"][:32]
+    ]
+    wanted = {i.name for i in session.get_inputs()}
+    timing = latency_ms(
+        lambda b: session.run(
+            ["logits"], {k: v.astype(np.int64) for k, v in b.items() if k in wanted}
+        ),
+        singles,
+        config.serve.warmup_runs,
+        max(20, config.serve.latency_runs // 2),
+    )
+    accuracy = float(np.mean(predictions == np.asarray(test["labels"])))
+    agreement = 1.0 if fp32_pred is None else float(np.mean(predictions == fp32_pred))
+    candidate = Candidate(
+        name=name,
+        model_file=str(model_file),
+        accuracy=accuracy,
+        top1_agreement=agreement,
+        p50_ms=timing["p50_ms"],
+        size_mb=model_file.stat().st_size / 2**20,
+    )
+    return candidate, predictions
+
+
+def _with_gates(candidate: Candidate, fp32: Candidate, config: PipelineConfig) -> Candidate:
+    gates = [
+        evaluate_gate(
+            "quantized_top1_agreement",
+            candidate.top1_agreement,
+            config.quantize.min_top1_agreement,
+            ">=",
+        ),
+        evaluate_gate(
+            "quantized_accuracy_drop",
+            fp32.accuracy - candidate.accuracy,
+            config.quantize.max_accuracy_drop,
+            "<=",
+        ),
+    ]
+    return Candidate(**{**candidate.__dict__, "gates": gates})
+
+
+def choose(fp32: Candidate, candidates: list[Candidate], fallback: bool) -> tuple[Candidate, str]:
+    """The fastest candidate that passes its gates and beats fp32; else fp32 (if allowed)."""
+    passing = [c for c in candidates if c.passed]
+    faster = [c for c in passing if c.p50_ms < fp32.p50_ms]
+    if faster:
+        best = min(faster, key=lambda c: c.p50_ms)
+        return best, (
+            f"{best.name}: fastest variant passing the gates, batch-1 p50 "
+            f"{best.p50_ms:.2f} ms vs fp32 {fp32.p50_ms:.2f} ms"
+        )
+    if passing:
+        why = f"no variant passing the gates beat fp32's batch-1 p50 of {fp32.p50_ms:.2f} ms"
+    else:
+        why = "every variant failed a gate: " + "; ".join(
+            f"{c.name} ({', '.join(g.describe() for g in c.gates if not g.passed)})"
+            for c in candidates
+        )
+    if not fallback:
+        failed = next((g for c in candidates for g in c.gates if not g.passed), None)
+        if failed is not None:
+            raise GateFailed(failed)
+        raise GateFailed(evaluate_gate("quantized_faster_than_fp32", 0.0, 1.0, ">="))
+    return fp32, f"serving fp32: {why}"
 
 
 def quantize(
     config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id: str
 ) -> QuantizedModel:
-    """Quantize, then gate on top-1 agreement with fp32 and on the accuracy drop."""
+    """Build the variants, score and time each against fp32, pick one, log everything."""
     connect(config.tracking)
     with stage_timer(run_id, "quantize"):
         fp32_dir = onnx.model.fetch()
-        out_dir = Path(config.output_dir) / run_id / "onnx_int8"
+        out_dir = Path(config.output_dir) / run_id / "quantized"
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        isa = instruction_set()
-        quantizer = ORTQuantizer.from_pretrained(str(fp32_dir), file_name=ONNX_FILE)
-        quantizer.quantize(
-            quantization_config=quantization_config(config.quantize, isa), save_dir=out_dir
-        )
-        for item in fp32_dir.iterdir():  # tokenizer and config travel with the model
-            if item.is_file() and item.suffix != ".onnx" and not (out_dir / item.name).exists():
-                shutil.copy2(item, out_dir / item.name)
-
         test = load_test_split(data)
         tokenizer = load_tokenizer(config.model)
-        y_true = np.asarray(test["labels"])
-        fp32_pred = _predict(fp32_dir / ONNX_FILE, tokenizer, test["text"], config)
-        int8_pred = _predict(out_dir / QUANTIZED_FILE, tokenizer, test["text"], config)
-        agreement = float(np.mean(fp32_pred == int8_pred))
-        fp32_acc, int8_acc = (
-            float(np.mean(fp32_pred == y_true)),
-            float(np.mean(int8_pred == y_true)),
+        gpu = config.serve.device == "cuda"
+        device = "cuda" if gpu else "cpu"
+        isa = "cuda_fp16" if gpu else instruction_set()
+
+        fp32, fp32_pred = _score(
+            fp32_dir / ONNX_FILE, "fp32", tokenizer, test, config, device, None
         )
-        fp32_mb = (fp32_dir / ONNX_FILE).stat().st_size / 2**20
-        int8_mb = (out_dir / QUANTIZED_FILE).stat().st_size / 2**20
-        log_metrics(
-            run_id,
-            {
-                "quantize.fp32_accuracy": fp32_acc,
-                "quantize.int8_accuracy": int8_acc,
-                "quantize.int8_size_mb": int8_mb,
-                "quantize.size_ratio": int8_mb / fp32_mb,
-            },
-        )
-        set_tags(
-            run_id,
-            {
-                "quantize.instruction_set": isa,
-                "quantize.per_channel": str(config.quantize.per_channel),
-            },
-        )
-        gates = [
-            log_gate(
-                run_id,
-                evaluate_gate(
-                    "quantized_top1_agreement", agreement, config.quantize.min_top1_agreement, ">="
-                ),
-            ),
-            log_gate(
-                run_id,
-                evaluate_gate(
-                    "quantized_accuracy_drop",
-                    fp32_acc - int8_acc,
-                    config.quantize.max_accuracy_drop,
-                    "<=",
-                ),
-            ),
-        ]
-        for gate in gates:
-            require(gate)
-        ref = log_folder(run_id, out_dir, "onnx_int8")
+        candidates = []
+        names = ["fp16"] if gpu else config.quantize.variants
+        for name in names:
+            variant_dir = out_dir / "variants" / name
+            variant_dir.mkdir(parents=True)
+            if gpu:
+                model_file = convert_fp16(fp32_dir / ONNX_FILE, variant_dir / ONNX_FILE)
+            else:
+                model_file = quantize_variant(fp32_dir, variant_dir, name, isa, data, config)
+            candidate, _ = _score(model_file, name, tokenizer, test, config, device, fp32_pred)
+            candidates.append(_with_gates(candidate, fp32, config))
+        chosen, reason = choose(fp32, candidates, config.quantize.fallback_to_fp32)
+
+        served_dir = out_dir / "served"
+        served_dir.mkdir()
+        shutil.copy2(chosen.model_file, served_dir / SERVED_FILE)
+        for item in fp32_dir.iterdir():  # tokenizer and config travel with the model
+            if item.is_file() and item.suffix != ".onnx":
+                shutil.copy2(item, served_dir / item.name)
+        gates = chosen.gates or _with_gates(fp32, fp32, config).gates
+        _log(run_id, fp32, candidates, chosen, gates, isa, reason)
+        ref = log_folder(run_id, served_dir, "quantized")
     return QuantizedModel(
-        model=ref, instruction_set=isa, fp32_accuracy=fp32_acc, int8_accuracy=int8_acc, gates=gates
+        model=ref,
+        variant=chosen.name,
+        instruction_set=isa,
+        fp32_accuracy=fp32.accuracy,
+        served_accuracy=chosen.accuracy,
+        reason=reason,
+        gates=gates,
+        candidates=candidates,
     )
 
 
-def _predict(model_file: Path, tokenizer, texts, config: PipelineConfig) -> np.ndarray:
-    session = open_session(model_file, device="cpu", num_threads=config.serve.num_threads)
-    logits = session_logits(
-        session, tokenizer, texts, config.data.max_length, config.eval.batch_size
+def _log(run_id, fp32, candidates, chosen, gates, isa, reason) -> None:
+    metrics = {
+        "quantize.fp32.accuracy": fp32.accuracy,
+        "quantize.fp32.p50_ms": fp32.p50_ms,
+        "quantize.fp32.size_mb": fp32.size_mb,
+        "quantize.served.size_ratio": chosen.size_mb / fp32.size_mb,
+        "quantize.served.accuracy": chosen.accuracy,
+    }
+    for c in candidates:
+        metrics |= {
+            f"quantize.{c.name}.accuracy": c.accuracy,
+            f"quantize.{c.name}.top1_agreement": c.top1_agreement,
+            f"quantize.{c.name}.p50_ms": c.p50_ms,
+            f"quantize.{c.name}.size_mb": c.size_mb,
+            f"quantize.{c.name}.passed": float(c.passed),
+        }
+    log_metrics(run_id, metrics)
+    for gate in gates:
+        log_gate(run_id, gate)
+    set_tags(
+        run_id,
+        {
+            "quantize.instruction_set": isa,
+            "quantize.variant": chosen.name,
+            "quantize.reason": reason[:5000],
+        },
     )
-    return np.argmax(logits, axis=-1)
+    log_json(
+        run_id,
+        {
+            "chosen": chosen.name,
+            "reason": reason,
+            "instruction_set": isa,
+            "fp32": fp32.__dict__ | {"gates": []},
+            "candidates": [
+                c.__dict__ | {"gates": [g.as_dict() for g in c.gates]} for c in candidates
+            ],
+        },
+        "quantized/choice.json",
+    )
 
 
 @task(

@@ -1,114 +1,131 @@
-"""Stage 7: serve the quantized model with onnxruntime; predictions, latency, throughput.
+"""Stage 7: serve the chosen ONNX model with onnxruntime; predictions, latency, throughput.
 
-The merged PyTorch fp32 model is timed in the same run, one engine at a time, as the baseline.
+The merged PyTorch fp32 model (eager) is timed in the same run as the baseline, one engine at
+a time, with the same thread count; each engine is timed with and without tokenization.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import PipelineConfig, ServeConfig
+from tasks.config import PipelineConfig
 from tasks.errors import retry_unless_user_error
 from tasks.evaluate import load_test_split
+from tasks.latency import latency_ms, throughput
 from tasks.merge import MergedModel
-from tasks.metrics import classification_metrics
+from tasks.metrics import classification_metrics, save_figure
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
-from tasks.quantize import QUANTIZED_FILE, QuantizedModel
+from tasks.quantize import SERVED_FILE, QuantizedModel
 from tasks.tracking import connect, log_metrics, set_tags, stage_timer
+
+ENGINES = ("onnx", "torch")
 
 
 @dataclass(frozen=True)
 class ServeReport:
-    """What the served (quantized) model scored and how fast both engines answered."""
+    """What the served model scored, its predictions, and how fast both engines answered."""
 
     provider: str
     metrics: dict[str, float]
     timings: dict[str, float]
+    predictions: list[int] = field(default_factory=list)
 
 
-def latency_ms(run: Callable[[dict], object], inputs: list[dict], warmup: int, runs: int) -> dict:
-    """p50/p95 of single-request latency in milliseconds, cycling through the inputs."""
-    for i in range(warmup):
-        run(inputs[i % len(inputs)])
-    samples = []
-    for i in range(runs):
-        start = time.perf_counter()
-        run(inputs[i % len(inputs)])
-        samples.append((time.perf_counter() - start) * 1000)
-    return {
-        "p50_ms": float(np.percentile(samples, 50)),
-        "p95_ms": float(np.percentile(samples, 95)),
-    }
-
-
-def throughput(
-    run: Callable[[dict], object], batches: list[dict], batch_size: int, min_batches: int = 4
-) -> float:
-    """Examples per second over full batches (at least min_batches, cycling)."""
-    run(batches[0])  # warm-up
-    n = max(min_batches, len(batches))
-    start = time.perf_counter()
-    for i in range(n):
-        run(batches[i % len(batches)])
-    return n * batch_size / (time.perf_counter() - start)
-
-
-def _encode(tokenizer, texts, max_length, batch_size) -> list[dict]:
-    return [
-        tokenizer(
-            list(texts[i : i + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-        )
-        for i in range(0, len(texts) - batch_size + 1, batch_size)
-    ]
-
-
-def time_engines(
-    config: PipelineConfig, session, torch_model, tokenizer, texts
-) -> dict[str, float]:
-    """Batch-1 latency and batch-N throughput for onnxruntime and PyTorch, one after the other."""
-    serve: ServeConfig = config.serve
-    singles = _encode(tokenizer, texts, config.data.max_length, 1)
-    n = serve.throughput_batch_size
-    reps = -(-n // len(texts))  # repeat the test texts when the split is smaller than one batch
-    batches = _encode(tokenizer, list(texts) * reps, config.data.max_length, n)
+def _runners(session, torch_model, tokenizer, max_length: int):
+    """Per engine: run(pre-tokenized batch) and run_text(list of texts)."""
     wanted = {i.name for i in session.get_inputs()}
 
-    def run_onnx(batch):
+    def onnx_run(batch):
         return session.run(
             ["logits"], {k: v.astype(np.int64) for k, v in batch.items() if k in wanted}
         )
 
     @torch.inference_mode()
-    def run_torch(batch):
+    def torch_run(batch):
         return torch_model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits
 
-    timings = {}
-    for engine, run in (("onnx_int8", run_onnx), ("torch_fp32", run_torch)):
-        for key, value in latency_ms(run, singles, serve.warmup_runs, serve.latency_runs).items():
-            timings[f"serve.{engine}.batch1_{key}"] = value
-        timings[f"serve.{engine}.batch{n}_per_second"] = throughput(run, batches, n)
-    timings["serve.latency_speedup_p50"] = (
-        timings["serve.torch_fp32.batch1_p50_ms"] / timings["serve.onnx_int8.batch1_p50_ms"]
+    def with_tokenizer(run):
+        return lambda texts: run(
+            tokenizer(
+                texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+            )
+        )
+
+    return {
+        "onnx": (onnx_run, with_tokenizer(onnx_run)),
+        "torch": (torch_run, with_tokenizer(torch_run)),
+    }
+
+
+def time_engines(
+    config: PipelineConfig, session, torch_model, tokenizer, texts
+) -> dict[str, float]:
+    """Batch-1 p50/p95/p99 and throughput per batch size, per engine, with and without tokenizer."""
+    serve = config.serve
+    max_length = config.data.max_length
+    texts = list(texts)
+    timings: dict[str, float] = {}
+    for engine, (run, run_text) in _runners(session, torch_model, tokenizer, max_length).items():
+        singles = [[t] for t in texts]
+        encoded = [
+            tokenizer(t, truncation=True, max_length=max_length, return_tensors="np")
+            for t in singles
+        ]
+        for suffix, fn, inputs in (("", run, encoded), ("_with_tokenizer", run_text, singles)):
+            stats = latency_ms(fn, inputs, serve.warmup_runs, serve.latency_runs)
+            timings |= {f"serve.{engine}.batch1_{k}{suffix}": v for k, v in stats.items()}
+        for size in serve.throughput_batch_sizes:
+            pool = texts * -(-size // len(texts))  # repeat when the split is smaller than a batch
+            text_batches = [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
+            batches = [
+                tokenizer(
+                    b, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+                )
+                for b in text_batches
+            ]
+            timings[f"serve.{engine}.batch{size}_per_second"] = throughput(run, batches, size)
+            timings[f"serve.{engine}.batch{size}_per_second_with_tokenizer"] = throughput(
+                run_text, text_batches, size
+            )
+    timings["serve.speedup.batch1_p50"] = (
+        timings["serve.torch.batch1_p50_ms"] / timings["serve.onnx.batch1_p50_ms"]
     )
-    timings[f"serve.throughput_speedup_batch{n}"] = (
-        timings[f"serve.onnx_int8.batch{n}_per_second"]
-        / timings[f"serve.torch_fp32.batch{n}_per_second"]
-    )
+    for size in serve.throughput_batch_sizes:
+        timings[f"serve.speedup.batch{size}_throughput"] = (
+            timings[f"serve.onnx.batch{size}_per_second"]
+            / timings[f"serve.torch.batch{size}_per_second"]
+        )
     return timings
+
+
+def timing_figure(timings: dict[str, float], sizes: list[int], variant: str):
+    """Two panels: batch-1 latency percentiles and throughput per batch size, both engines."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.38
+    labels = {"onnx": f"onnxruntime ({variant})", "torch": "PyTorch fp32 eager"}
+    for i, engine in enumerate(ENGINES):
+        pct = [timings[f"serve.{engine}.batch1_{p}_ms"] for p in ("p50", "p95", "p99")]
+        left.bar(np.arange(3) + i * width, pct, width, label=labels[engine])
+        tput = [timings[f"serve.{engine}.batch{s}_per_second"] for s in sizes]
+        right.bar(np.arange(len(sizes)) + i * width, tput, width, label=labels[engine])
+    left.set_xticks(np.arange(3) + width / 2, ["p50", "p95", "p99"])
+    left.set_ylabel("batch-1 latency (ms, model only)")
+    right.set_xticks(np.arange(len(sizes)) + width / 2, [f"batch {s}" for s in sizes])
+    right.set_ylabel("examples / second (model only)")
+    left.legend()
+    fig.tight_layout()
+    return fig
 
 
 def serve_check(
@@ -123,17 +140,16 @@ def serve_check(
     with stage_timer(run_id, "serve_check"):
         threads = config.serve.num_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
-        session = open_session(
-            quantized.model.fetch() / QUANTIZED_FILE, config.serve.device, threads
-        )
+        session = open_session(quantized.model.fetch() / SERVED_FILE, config.serve.device, threads)
         provider = session.get_providers()[0]
         test = load_test_split(data)
         tokenizer = load_tokenizer(config.model)
         logits = session_logits(
             session, tokenizer, test["text"], config.data.max_length, config.eval.batch_size
         )
+        predictions = np.argmax(logits, -1)
         metrics = classification_metrics(
-            test["labels"], np.argmax(logits, -1), data.label_names, per_class=False
+            test["labels"], predictions, data.label_names, per_class=False
         )
         torch_model = load_classifier(str(merged.model.fetch()), data.label_names).eval()
         timings = time_engines(config, session, torch_model, tokenizer, test["text"])
@@ -144,9 +160,20 @@ def serve_check(
                 "serve.provider": provider,
                 "serve.threads": str(threads),
                 "serve.providers": ",".join(session.get_providers()),
+                "serve.onnx_variant": quantized.variant,
             },
         )
-    return ServeReport(provider=provider, metrics=metrics, timings=timings)
+        figure = timing_figure(timings, config.serve.throughput_batch_sizes, quantized.variant)
+        path = save_figure(
+            figure, Path(config.output_dir) / run_id / "plots" / "serving_latency.png"
+        )
+        MlflowClient().log_artifact(run_id, str(path), "plots")
+    return ServeReport(
+        provider=provider,
+        metrics=metrics,
+        timings=timings,
+        predictions=[int(p) for p in predictions],
+    )
 
 
 @task(

@@ -70,14 +70,20 @@ def tiny_config_dict(tmp: Path, model_dir: Path, data_path: Path) -> dict:
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "train": {"epochs": 2, "batch_size": 16, "learning_rate": 0.01, "logging_steps": 2},
-        "quantize": {"min_top1_agreement": 0.5, "max_accuracy_drop": 0.5},
+        "quantize": {
+            "min_top1_agreement": 0.5,
+            "max_accuracy_drop": 0.5,
+            "calibration_samples": 16,
+        },
         "serve": {
             "latency_runs": 5,
             "warmup_runs": 1,
-            "throughput_batch_size": 8,
+            "throughput_batch_sizes": [8],
             "num_threads": 1,
+            "served_model_check": False,  # one test turns it on: it starts a server (~10 s)
+            "golden_requests": 16,
         },
-        "registry": {"model_name": "tiny-classifier"},
+        "registry": {"model_name": "tiny-classifier", "bootstrap_samples": 200},
         "tracking": {
             "uri": f"sqlite:///{tmp / 'mlflow.db'}",
             "experiment": "tests",
@@ -113,3 +119,36 @@ def pytest_sessionfinish(session, exitstatus):
         return
     for server in list(SubprocessASGIServer._instances.values()):
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, make_tiny_config):
+    """Every stage once, in pipeline order, on the tiny BERT; tests read (not change) it."""
+    from types import SimpleNamespace
+
+    from tasks.evaluate import evaluate
+    from tasks.export_onnx import export_onnx
+    from tasks.merge import merge
+    from tasks.prepare_data import prepare_data
+    from tasks.quantize import quantize
+    from tasks.register import register
+    from tasks.serve_check import serve_check
+    from tasks.tracking import start_pipeline_run
+    from tasks.train_lora import train_lora
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = make_tiny_config(tmp)
+    run_id = start_pipeline_run(config)
+    out = SimpleNamespace(config=config, run_id=run_id, tmp=tmp)
+    out.data = prepare_data(config, run_id)
+    out.trained = train_lora(config, out.data, run_id)
+    out.evaluation = evaluate(config, out.data, out.trained, run_id)
+    out.merged = merge(config, out.data, out.trained, run_id)
+    out.onnx = export_onnx(config, out.data, out.merged, run_id)
+    out.quantized = quantize(config, out.data, out.onnx, run_id)
+    out.served = serve_check(config, out.data, out.quantized, out.merged, run_id)
+    out.gates = [out.merged.parity, *out.onnx.gates, *out.quantized.gates]
+    out.registration = register(
+        config, out.data, out.evaluation, out.quantized, out.served, out.gates, run_id
+    )
+    return out

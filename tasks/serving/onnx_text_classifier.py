@@ -26,13 +26,14 @@ def _texts(model_input) -> list[str]:
 
 
 class OnnxTextClassifier(mlflow.pyfunc.PythonModel):
-    """Tokenize, run the ONNX graph, softmax; batch of 32 at a time."""
+    """Tokenize, run the ONNX graph, softmax; batch_size texts at a time (as evaluated)."""
 
     def load_context(self, context):
         model_dir = Path(context.artifacts["model_dir"])
         spec = json.loads((model_dir / SERVING_FILE).read_text())
         self.labels = spec["label_names"]
         self.max_length = spec["max_length"]
+        self.batch_size = spec.get("batch_size", 32)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         providers = ["CPUExecutionProvider"]
         if spec.get("device") == "cuda":
@@ -45,9 +46,9 @@ class OnnxTextClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         texts = _texts(model_input)
         rows = []
-        for start in range(0, len(texts), 32):
+        for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                texts[start : start + 32],
+                texts[start : start + self.batch_size],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,

@@ -1,0 +1,258 @@
+"""serve_check, the served-model check, registration, champion comparison, promote/rollback."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+import tasks.register as register_module
+from tasks.champion import paired_bootstrap
+from tasks.errors import GateFailed, PipelineError
+from tasks.register import register
+from tasks.registry import production_history, promote, rollback
+
+
+def aliases(name: str = "tiny-classifier") -> dict[str, str]:
+    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def renamed(run, name: str, **serve):
+    """The run's config, registering under another model name (tests stay independent)."""
+    config = run.config
+    update = {"registry": config.registry.model_copy(update={"model_name": name})}
+    if serve:
+        update["serve"] = config.serve.model_copy(update=serve)
+    return config.model_copy(update=update)
+
+
+def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
+    s = run.served
+    assert s.provider == "CPUExecutionProvider"
+    assert s.metrics["accuracy"] == pytest.approx(run.quantized.served_accuracy)
+    assert len(s.predictions) == 40
+    for engine in ("onnx", "torch"):
+        t = {
+            k.removeprefix(f"serve.{engine}."): v
+            for k, v in s.timings.items()
+            if k.startswith(f"serve.{engine}.")
+        }
+        assert 0 < t["batch1_p50_ms"] <= t["batch1_p95_ms"] <= t["batch1_p99_ms"]
+        assert t["batch1_p50_ms"] <= t["batch1_p50_ms_with_tokenizer"] * 1.5
+        assert t["batch8_per_second"] > 0 and t["batch8_per_second_with_tokenizer"] > 0
+    tags = MlflowClient().get_run(run.run_id).data.tags
+    assert tags["serve.provider"] == "CPUExecutionProvider"
+    assert "plots/serving_latency.png" in {
+        a.path for a in MlflowClient().list_artifacts(run.run_id, "plots")
+    }
+
+
+def test_asking_for_cuda_without_it_is_an_error(run):
+    from tasks.onnx_runtime import open_session
+    from tasks.quantize import SERVED_FILE
+
+    with pytest.raises(
+        PipelineError,
+        match=r"^serve.device is cuda but onnxruntime runs model_served.onnx on "
+        r"\['CPUExecutionProvider'\]",
+    ):
+        open_session(run.quantized.model.fetch() / SERVED_FILE, device="cuda")
+
+
+def test_register_sets_aliases_and_gate_tags(run):
+    r = run.registration
+    assert r.version == "1" and r.promoted
+    assert aliases() == {"challenger": "1", "production": "1"}
+    tags = MlflowClient().get_model_version("tiny-classifier", "1").tags
+    assert tags["gate.merge_parity_max_abs_diff"].startswith("passed")
+    assert tags["run_id"] == run.run_id and tags["onnx.variant"] == run.quantized.variant
+    report = json.loads(mlflow.artifacts.load_text(f"runs:/{run.run_id}/promotion/report.json"))
+    assert report["promoted"] is True and len(report["gates"]) == 5
+    assert "Production moved:** yes" in mlflow.artifacts.load_text(
+        f"runs:/{run.run_id}/promotion/report.md"
+    )
+
+
+def test_registered_model_answers_with_labels_and_probabilities(run):
+    served = mlflow.pyfunc.load_model("models:/tiny-classifier/1")
+    texts = ["I was charged twice for one order", "my package is late"]
+    out = served.predict(pd.DataFrame({"text": texts}))
+    assert list(out.columns) == ["label", "score", "probabilities"]
+    assert set(out["label"]) <= set(run.data.label_names)
+    for probs in out["probabilities"]:
+        assert sum(probs.values()) == pytest.approx(1.0)
+
+
+def test_served_model_check_passes_through_mlflow_models_serve(run):
+    config = renamed(run, "served-ok", served_model_check=True)
+    result = register(
+        config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id
+    )
+    gate = next(g for g in result.gates if g.name == "served_model_prediction_mismatches")
+    assert gate.passed and gate.value == 0 and result.promoted
+    metrics = MlflowClient().get_run(run.run_id).data.metrics
+    assert (
+        metrics["served_model.request_p50_ms"] > 0 and metrics["served_model.golden_requests"] == 16
+    )
+
+
+def test_served_model_that_answers_differently_is_rejected(run, monkeypatch):
+    config = renamed(run, "served-bad", served_model_check=True)
+    register(
+        renamed(run, "served-bad"),
+        run.data,
+        run.evaluation,
+        run.quantized,
+        run.served,
+        run.gates,
+        run.run_id,
+    )  # v1 in production
+    real_invoke = register_module.invoke
+
+    def wrong(url, texts, timeout_s=60):
+        answers = real_invoke(url, texts, timeout_s)
+        return [{**a, "label": "not-a-label"} for a in answers]
+
+    monkeypatch.setattr(register_module, "invoke", wrong)
+    with pytest.raises(
+        GateFailed, match=r"^gate served_model_prediction_mismatches FAILED: measured 16"
+    ):
+        register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    versions = MlflowClient().search_model_versions("name='served-bad'")
+    assert [str(v.version) for v in versions] == ["1"]  # the rejected version was deleted
+    assert aliases("served-bad") == {"challenger": "1", "production": "1"}
+
+
+def test_production_does_not_move_when_a_gate_failed(run):
+    config = renamed(run, "gate-failed")
+    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    failed = [
+        *run.gates[:-1],
+        type(run.gates[-1])("quantized_accuracy_drop", 0.3, 0.02, "<=", False),
+    ]
+    result = register(
+        config, run.data, run.evaluation, run.quantized, run.served, failed, run.run_id
+    )
+    assert not result.promoted and result.reason == "gates failed: quantized_accuracy_drop"
+    assert aliases("gate-failed") == {"challenger": "2", "production": "1"}
+    tags = MlflowClient().get_model_version("gate-failed", "2").tags
+    assert tags["gate.quantized_accuracy_drop"].startswith("failed")
+
+
+def _evaluation_with_production(run, production_predictions):
+    return run.evaluation.__class__(
+        metrics=run.evaluation.metrics,
+        production_metrics={"accuracy": 0.0, "macro_f1": 0.0},
+        production_version="1",
+        labels=run.evaluation.labels,
+        production_predictions=production_predictions,
+    )
+
+
+def test_champion_gate_uses_the_bootstrap_interval(run):
+    config = renamed(run, "champion")
+    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    perfect = _evaluation_with_production(
+        run, list(run.evaluation.labels)
+    )  # production is flawless
+    worse = register(config, run.data, perfect, run.quantized, run.served, run.gates, run.run_id)
+    assert not worse.promoted
+    assert worse.reason.startswith(
+        "candidate trails production: gate champion_macro_f1_delta_ci_low FAILED"
+    )
+    assert worse.comparison.high <= 0 and worse.comparison.low < -0.03
+    assert aliases("champion") == {"challenger": "2", "production": "1"}
+
+    same = _evaluation_with_production(run, list(run.served.predictions))  # identical answers
+    equal = register(config, run.data, same, run.quantized, run.served, run.gates, run.run_id)
+    assert equal.promoted and equal.previous_production == "1"
+    assert equal.comparison.low == equal.comparison.high == 0
+    assert aliases("champion") == {"challenger": "3", "production": "3"}
+
+
+def test_paired_bootstrap_interval_brackets_the_difference():
+    y = [0, 1, 2, 3] * 25
+    candidate = list(y)
+    production = [(v + 1) % 4 if i % 5 == 0 else v for i, v in enumerate(y)]  # 80% right
+    c = paired_bootstrap("accuracy", y, candidate, production, 4, samples=500)
+    assert c.delta == pytest.approx(0.2)
+    assert 0.1 < c.low < 0.2 < c.high < 0.3
+    unknown = paired_bootstrap("macro_f1", y, candidate, [-1] * 100, 4, samples=100)
+    assert unknown.delta == pytest.approx(1.0)
+
+
+def test_promote_refuses_failed_gates_and_rollback_moves_back(run):
+    config = renamed(run, "rollback")
+    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    failed = [
+        *run.gates[:-1],
+        type(run.gates[-1])("quantized_accuracy_drop", 0.3, 0.02, "<=", False),
+    ]
+    register(config, run.data, run.evaluation, run.quantized, run.served, failed, run.run_id)
+    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    client = MlflowClient()
+    assert aliases("rollback")["production"] == "3" and production_history(client, "rollback") == [
+        "1",
+        "3",
+    ]
+
+    with pytest.raises(PipelineError) as err:
+        promote(client, "rollback", "2")
+    assert str(err.value) == (
+        "rollback v2 failed gates gate.quantized_accuracy_drop; refusing to "
+        "promote it (pass --force to override)"
+    )
+    assert rollback(client, "rollback") == ("3", "1")
+    assert aliases("rollback")["production"] == "1"
+    assert client.get_model_version("rollback", "3").tags["rolled_back"] == "true"
+    with pytest.raises(PipelineError, match=r"no earlier production version recorded before v1"):
+        rollback(client, "rollback")
+    assert promote(client, "rollback", "3") == "1"
+    assert aliases("rollback")["production"] == "3"
+
+
+def test_cli_promote_and_rollback_run_the_promote_flow(run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    config = renamed(run, "cli-moves")
+    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                *args,
+                "--model",
+                "cli-moves",
+                "--config",
+                str(path),
+            ],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    back = cli("rollback")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout[back.stdout.index("{") :])["to"] == "1"
+    assert aliases("cli-moves")["production"] == "1"
+    again = cli("promote", "--version", "2")
+    assert again.returncode == 0, again.stderr
+    assert aliases("cli-moves")["production"] == "2"
+    missing = cli("promote", "--version", "9")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "error: model 'cli-moves' has no version '9'" in missing.stderr
