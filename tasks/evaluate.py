@@ -9,15 +9,13 @@ import mlflow
 import pandas as pd
 from datasets import load_from_disk
 from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.config import PipelineConfig
-from tasks.errors import retry_unless_user_error
 from tasks.metrics import argmax, classification_metrics, confusion_matrix_figure, save_figure
 from tasks.modeling import load_adapted_model, load_tokenizer, predict_logits
 from tasks.prepare_data import PreparedData
 from tasks.registry import PRODUCTION, version_by_alias
+from tasks.stage import stage_task
 from tasks.tracking import connect, log_folder, log_metrics, stage_timer
 from tasks.train_lora import TrainedAdapter
 
@@ -101,15 +99,4 @@ def evaluate(
     )
 
 
-@task(
-    name="evaluate",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-)
-def evaluate_task(
-    config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
-) -> Evaluation:
-    """Prefect wrapper around evaluate."""
-    return evaluate(config, data, trained, run_id)
+evaluate_task = stage_task(evaluate, name="evaluate", retries=2)

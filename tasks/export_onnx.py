@@ -8,17 +8,15 @@ from pathlib import Path
 
 import numpy as np
 from optimum.exporters.onnx import main_export
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.config import PipelineConfig
-from tasks.errors import retry_unless_user_error
 from tasks.evaluate import load_test_split
 from tasks.gates import Gate, evaluate_gate, require
 from tasks.merge import MergedModel, max_abs_diff
 from tasks.modeling import load_classifier, load_tokenizer, predict_logits
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
+from tasks.stage import stage_task
 from tasks.tracking import ArtifactRef, connect, log_folder, log_gate, log_metrics, stage_timer
 
 ONNX_FILE = "model.onnx"
@@ -87,15 +85,4 @@ def export_onnx(
     return OnnxModel(model=ref, gates=gates)
 
 
-@task(
-    name="export-onnx",
-    retries=1,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-)
-def export_onnx_task(
-    config: PipelineConfig, data: PreparedData, merged: MergedModel, run_id: str
-) -> OnnxModel:
-    """Prefect wrapper around export_onnx."""
-    return export_onnx(config, data, merged, run_id)
+export_onnx_task = stage_task(export_onnx, name="export-onnx", retries=1)

@@ -6,16 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from lora_core import LoraError, merge_lora, unload_lora
 from tasks.config import PipelineConfig
-from tasks.errors import ModelError, retry_unless_user_error
+from tasks.errors import ModelError
 from tasks.evaluate import load_test_split
 from tasks.gates import Gate, evaluate_gate, require
 from tasks.modeling import load_adapted_model, load_classifier, load_tokenizer, predict_logits
 from tasks.prepare_data import PreparedData
+from tasks.stage import stage_task
 from tasks.tracking import ArtifactRef, connect, log_folder, log_gate, stage_timer
 from tasks.train_lora import TrainedAdapter
 
@@ -72,15 +71,4 @@ def merge(
     return MergedModel(model=ref, parity=gate)
 
 
-@task(
-    name="merge",
-    retries=1,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-)
-def merge_task(
-    config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
-) -> MergedModel:
-    """Prefect wrapper around merge."""
-    return merge(config, data, trained, run_id)
+merge_task = stage_task(merge, name="merge", retries=1)

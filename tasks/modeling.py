@@ -114,6 +114,24 @@ def load_adapted_model(model_cfg: ModelConfig, adapter_dir: Path, label_names: S
     return model.eval()
 
 
+def encode_batches(
+    tokenizer, texts: Sequence[str], max_length: int, batch_size: int, tensors: str = "pt"
+):
+    """Tokenized batches of texts in order, each padded to its own longest text."""
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors=tensors,
+        )
+
+
+def stack(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
@@ -125,14 +143,9 @@ def predict_logits(
     """fp32 logits for texts, batched with dynamic padding."""
     model.eval()
     device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        outputs.append(model(**batch).logits.float().cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+    return stack(
+        [
+            model(**batch.to(device)).logits.float().cpu().numpy()
+            for batch in encode_batches(tokenizer, texts, max_length, batch_size)
+        ]
+    )

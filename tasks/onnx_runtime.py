@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tasks.errors import PipelineError
+from tasks.modeling import encode_batches, stack
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -47,17 +48,13 @@ def session_logits(
     max_length: int,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Logits for texts, tokenized with dynamic padding like the PyTorch path."""
+    """Logits for texts, batched exactly like the PyTorch path (and the served model)."""
     wanted = {i.name for i in session.get_inputs()}
-    outputs = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="np",
-        )
-        feed = {k: v.astype(np.int64) for k, v in batch.items() if k in wanted}
-        outputs.append(session.run(["logits"], feed)[0])
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+    return stack(
+        [
+            session.run(
+                ["logits"], {k: v.astype(np.int64) for k, v in batch.items() if k in wanted}
+            )[0]
+            for batch in encode_batches(tokenizer, texts, max_length, batch_size, tensors="np")
+        ]
+    )

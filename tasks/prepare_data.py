@@ -13,13 +13,12 @@ from datasets import Dataset, DatasetDict, load_dataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
 from tasks.config import DataConfig, PipelineConfig
-from tasks.errors import DataError, retry_unless_user_error
+from tasks.errors import DataError
 from tasks.modeling import load_tokenizer
+from tasks.stage import stage_task
 from tasks.tracking import ArtifactRef, connect, log_folder, log_metrics, set_tags, stage_timer
 
 SPLITS = ("train", "validation", "test")
@@ -289,13 +288,4 @@ def _log(run_id, config, splits, rows, dropped, truncated, content_sha) -> None:
     MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
-@task(
-    name="prepare-data",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-)
-def prepare_data_task(config: PipelineConfig, run_id: str) -> PreparedData:
-    """Prefect wrapper around prepare_data."""
-    return prepare_data(config, run_id)
+prepare_data_task = stage_task(prepare_data, name="prepare-data", retries=2)

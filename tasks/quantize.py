@@ -21,11 +21,9 @@ from optimum.onnxruntime.configuration import (
     AutoQuantizationConfig,
     QuantizationConfig,
 )
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.config import PipelineConfig
-from tasks.errors import GateFailed, retry_unless_user_error
+from tasks.errors import GateFailed
 from tasks.evaluate import load_test_split
 from tasks.export_onnx import ONNX_FILE, OnnxModel
 from tasks.gates import Gate, evaluate_gate
@@ -33,6 +31,7 @@ from tasks.latency import latency_ms
 from tasks.modeling import load_tokenizer
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
+from tasks.stage import stage_task
 from tasks.tracking import (
     ArtifactRef,
     connect,
@@ -337,15 +336,4 @@ def _log(run_id, fp32, candidates, chosen, gates, isa, reason) -> None:
     )
 
 
-@task(
-    name="quantize",
-    retries=1,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-)
-def quantize_task(
-    config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id: str
-) -> QuantizedModel:
-    """Prefect wrapper around quantize."""
-    return quantize(config, data, onnx, run_id)
+quantize_task = stage_task(quantize, name="quantize", retries=1)

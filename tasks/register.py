@@ -19,14 +19,12 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 from tasks.champion import Comparison, paired_bootstrap
 from tasks.config import PipelineConfig
-from tasks.errors import GateFailed, retry_unless_user_error
+from tasks.errors import GateFailed
 from tasks.evaluate import Evaluation, load_test_split
 from tasks.gates import Gate, evaluate_gate
 from tasks.latency import latency_ms
@@ -35,6 +33,7 @@ from tasks.quantize import SERVED_FILE, QuantizedModel
 from tasks.registry import CHALLENGER, ensure_registered_model, move_production
 from tasks.serve_check import ServeReport
 from tasks.served_model import invoke, mlflow_models_serve
+from tasks.stage import stage_task
 from tasks.tracking import (
     active_run,
     connect,
@@ -295,21 +294,4 @@ def _report(
         )
 
 
-@task(
-    name="register",
-    retries=2,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-)
-def register_task(
-    config: PipelineConfig,
-    data: PreparedData,
-    evaluation: Evaluation,
-    quantized: QuantizedModel,
-    serve: ServeReport,
-    gates: list[Gate],
-    run_id: str,
-) -> Registration:
-    """Prefect wrapper around register."""
-    return register(config, data, evaluation, quantized, serve, gates, run_id)
+register_task = stage_task(register, name="register", retries=2)

@@ -14,11 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.config import PipelineConfig
-from tasks.errors import retry_unless_user_error
 from tasks.evaluate import load_test_split
 from tasks.latency import latency_ms, throughput
 from tasks.merge import MergedModel
@@ -27,6 +24,7 @@ from tasks.modeling import load_classifier, load_tokenizer
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
 from tasks.quantize import SERVED_FILE, QuantizedModel
+from tasks.stage import stage_task
 from tasks.tracking import connect, log_metrics, set_tags, stage_timer
 
 ENGINES = ("onnx", "torch")
@@ -176,19 +174,4 @@ def serve_check(
     )
 
 
-@task(
-    name="serve-check",
-    retries=1,
-    retry_delay_seconds=5,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-)
-def serve_check_task(
-    config: PipelineConfig,
-    data: PreparedData,
-    quantized: QuantizedModel,
-    merged: MergedModel,
-    run_id: str,
-) -> ServeReport:
-    """Prefect wrapper around serve_check."""
-    return serve_check(config, data, quantized, merged, run_id)
+serve_check_task = stage_task(serve_check, name="serve-check", retries=1)

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import load_from_disk
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from transformers import (
     DataCollatorWithPadding,
     Trainer,
@@ -22,10 +20,11 @@ from transformers import (
 
 from lora_core import save_adapter
 from tasks.config import PipelineConfig, TrainConfig
-from tasks.errors import TrainingError, retry_unless_user_error
+from tasks.errors import TrainingError
 from tasks.metrics import classification_metrics
 from tasks.modeling import build_lora_model, load_tokenizer, resolve_model_path
 from tasks.prepare_data import PreparedData
+from tasks.stage import stage_task
 from tasks.tracking import ArtifactRef, connect, log_folder, log_metrics, set_tags, stage_timer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -202,14 +201,4 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
     )
 
 
-@task(
-    name="train-lora",
-    retries=1,
-    retry_delay_seconds=10,
-    cache_policy=NO_CACHE,
-    retry_condition_fn=retry_unless_user_error,
-    tags=["gpu"],
-)
-def train_lora_task(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
-    """Prefect wrapper around train_lora."""
-    return train_lora(config, data, run_id)
+train_lora_task = stage_task(train_lora, name="train-lora", retries=1, tags=("gpu",))

@@ -2,15 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,16 +10,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.retrain import retrain_flow
+from tasks.served_model import invoke, mlflow_models_serve
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "support-ticket-classifier"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -103,62 +89,15 @@ def test_default_run_is_tracked_registered_and_promoted(first_run, store):
 
 
 def test_served_model_answers_like_the_in_process_model(first_run, store):
-    port = _free_port()
-    venv_bin = str(Path(sys.executable).parent)  # mlflow execs uvicorn from PATH
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": store["uri"],
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{MODEL}@production",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    """`mlflow models serve -m models:/NAME@production` (as the README says) answers requests."""
     texts = [
         "I was billed twice for the same headphones",
         "my parcel has been stuck in customs for a week",
         "I can't log in since I changed my email",
         "how do I send back the blender I ordered",
     ]
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not come up in 180 s"
-            time.sleep(1)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as r:
-            answer = json.loads(r.read())["predictions"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    with mlflow_models_serve(f"models:/{MODEL}@production", store["uri"]) as url:
+        answer = invoke(url, texts)
     mlflow.set_tracking_uri(store["uri"])
     local = mlflow.pyfunc.load_model(f"models:/{MODEL}@production").predict(
         pd.DataFrame({"text": texts})

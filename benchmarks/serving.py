@@ -1,0 +1,110 @@
+"""Serving goals on this CPU: quantized ONNX vs PyTorch fp32 eager, measured in one run.
+
+Trains the default pipeline's model (temporary MLflow store), exports and quantizes it with
+the quantize stage (which keeps the fastest variant that passes the gates), then times both
+engines one after the other with the same thread count and prints the ratios the goals use:
+
+    batch-1 p50 latency ratio (ONNX / PyTorch)      goal <= 0.333
+    batch-32 throughput ratio (ONNX / PyTorch)      goal >= 2.5
+    accuracy drop (fp32 ONNX - served, points)      goal <= 0.5
+    served model file size / fp32 ONNX size         goal <= 0.30
+
+    .venv/bin/python benchmarks/serving.py [--runs 200] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.config import load_config  # noqa: E402
+from tasks.evaluate import load_test_split  # noqa: E402
+from tasks.export_onnx import ONNX_FILE, export_onnx  # noqa: E402
+from tasks.merge import merge  # noqa: E402
+from tasks.modeling import load_classifier, load_tokenizer  # noqa: E402
+from tasks.onnx_runtime import open_session  # noqa: E402
+from tasks.prepare_data import prepare_data  # noqa: E402
+from tasks.quantize import SERVED_FILE, quantize  # noqa: E402
+from tasks.serve_check import time_engines  # noqa: E402
+from tasks.tracking import start_pipeline_run  # noqa: E402
+from tasks.train_lora import train_lora  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--runs", type=int, default=200, help="timed batch-1 requests per engine")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    store = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    config = load_config(
+        args.config,
+        [
+            f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+            f"tracking.artifact_location={(store / 'art').as_uri()}",
+            f"output_dir={store / 'out'}",
+            f"serve.latency_runs={args.runs}",
+            "serve.warmup_runs=20",
+            "serve.throughput_batch_sizes=[8, 32]",
+            *args.overrides,
+        ],
+    )
+
+    run_id = start_pipeline_run(config)
+    data = prepare_data(config, run_id)
+    merged = merge(config, data, train_lora(config, data, run_id), run_id)
+    onnx = export_onnx(config, data, merged, run_id)
+    quantized = quantize(config, data, onnx, run_id)
+
+    threads = config.serve.num_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    session = open_session(quantized.model.fetch() / SERVED_FILE, "cpu", threads)
+    torch_model = load_classifier(str(merged.model.fetch()), data.label_names).eval()
+    texts = load_test_split(data)["text"]
+    t = time_engines(config, session, torch_model, load_tokenizer(config.model), texts)
+
+    fp32_mb = (onnx.model.fetch() / ONNX_FILE).stat().st_size / 2**20
+    served_mb = (quantized.model.fetch() / SERVED_FILE).stat().st_size / 2**20
+    latency_ratio = t["serve.onnx.batch1_p50_ms"] / t["serve.torch.batch1_p50_ms"]
+    throughput_ratio = t["serve.onnx.batch32_per_second"] / t["serve.torch.batch32_per_second"]
+    drop_points = 100 * (quantized.fp32_accuracy - quantized.served_accuracy)
+
+    print(f"\nserved variant: {quantized.variant} ({quantized.reason}); threads: {threads}")
+    print(f"{'variant':<22}{'accuracy':>10}{'agreement':>11}{'p50 ms':>9}{'MB':>8}{'gates':>7}")
+    print(f"{'fp32 (onnx)':<22}{quantized.fp32_accuracy:>10.4f}{1.0:>11.4f}{'':>9}{fp32_mb:>8.1f}")
+    for c in quantized.candidates:
+        print(
+            f"{c.name:<22}{c.accuracy:>10.4f}{c.top1_agreement:>11.4f}{c.p50_ms:>9.2f}"
+            f"{c.size_mb:>8.1f}{'pass' if c.passed else 'FAIL':>7}"
+        )
+    print(
+        f"\n{'engine':<10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'p50+tok':>9}"
+        f"{'b8/s':>9}{'b32/s':>9}{'b32+tok/s':>11}"
+    )
+    for engine in ("onnx", "torch"):
+        e = {
+            k.removeprefix(f"serve.{engine}."): v
+            for k, v in t.items()
+            if k.startswith(f"serve.{engine}.")
+        }
+        print(
+            f"{engine:<10}{e['batch1_p50_ms']:>9.2f}{e['batch1_p95_ms']:>9.2f}{e['batch1_p99_ms']:>9.2f}"
+            f"{e['batch1_p50_ms_with_tokenizer']:>9.2f}{e['batch8_per_second']:>9.0f}"
+            f"{e['batch32_per_second']:>9.0f}{e['batch32_per_second_with_tokenizer']:>11.0f}"
+        )
+    print(f"\nbatch1_p50_latency_ratio = {latency_ratio:.3f}  (goal <= 0.333)")
+    print(f"batch32_throughput_ratio = {throughput_ratio:.2f}  (goal >= 2.5)")
+    print(f"accuracy_drop_points = {drop_points:.2f}  (goal <= 0.5)")
+    print(f"model_size_ratio = {served_mb / fp32_mb:.3f}  (goal <= 0.30)")
+
+
+if __name__ == "__main__":
+    main()
