@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -16,6 +15,7 @@ from tasks.modeling import load_adapted_model, load_tokenizer, predict_logits
 from tasks.prepare_data import PreparedData
 from tasks.registry import PRODUCTION, version_by_alias
 from tasks.stage import stage_task
+from tasks.storage import stage_dir
 from tasks.tracking import connect, log_folder, log_metrics, stage_timer
 from tasks.train_lora import TrainedAdapter
 
@@ -63,7 +63,7 @@ def evaluate(
         metrics = classification_metrics(y_true, y_pred, data.label_names)
         log_metrics(run_id, {f"test.{k}": v for k, v in metrics.items()})
 
-        out_dir = Path(config.output_dir) / run_id / "evaluation"
+        out_dir = stage_dir(config, run_id, "evaluation")
         save_figure(
             confusion_matrix_figure(
                 y_true, y_pred, data.label_names, "Candidate (adapter) on test"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from optimum.exporters.onnx import main_export
@@ -17,6 +16,7 @@ from tasks.modeling import load_classifier, load_tokenizer, predict_logits
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
 from tasks.stage import stage_task
+from tasks.storage import stage_dir
 from tasks.tracking import ArtifactRef, connect, log_folder, log_gate, log_metrics, stage_timer
 
 ONNX_FILE = "model.onnx"
@@ -37,7 +37,7 @@ def export_onnx(
     connect(config.tracking)
     with stage_timer(run_id, "export_onnx"):
         merged_dir = merged.model.fetch()
-        out_dir = Path(config.output_dir) / run_id / "onnx"
+        out_dir = stage_dir(config, run_id, "onnx")
         if out_dir.exists():
             shutil.rmtree(out_dir)  # a retried export starts clean
         main_export(

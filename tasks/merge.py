@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from tasks.gates import Gate, evaluate_gate, require
 from tasks.modeling import load_adapted_model, load_classifier, load_tokenizer, predict_logits
 from tasks.prepare_data import PreparedData
 from tasks.stage import stage_task
+from tasks.storage import stage_dir
 from tasks.tracking import ArtifactRef, connect, log_folder, log_gate, stage_timer
 from tasks.train_lora import TrainedAdapter
 
@@ -50,7 +50,7 @@ def merge(
         except LoraError as exc:
             raise ModelError(f"merge failed: {exc}") from exc
         plain = unload_lora(model)  # already merged above: wrappers out, merged weights stay
-        out_dir = Path(config.output_dir) / run_id / "merged_model"
+        out_dir = stage_dir(config, run_id, "merged_model")
         plain.save_pretrained(str(out_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
         reloaded = load_classifier(str(out_dir), data.label_names)

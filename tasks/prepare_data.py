@@ -19,7 +19,16 @@ from tasks.config import DataConfig, PipelineConfig
 from tasks.errors import DataError
 from tasks.modeling import load_tokenizer
 from tasks.stage import stage_task
-from tasks.tracking import ArtifactRef, connect, log_folder, log_metrics, set_tags, stage_timer
+from tasks.storage import stage_dir
+from tasks.tracking import (
+    ArtifactRef,
+    connect,
+    log_folder,
+    log_metrics,
+    redact,
+    set_tags,
+    stage_timer,
+)
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_STEMS = {
@@ -255,7 +264,7 @@ def prepare_data(config: PipelineConfig, run_id: str) -> PreparedData:
         splits, dropped, content_sha = build_splits(config.data)
         label_names = check_labels(splits)
         dataset, tokenizer, truncated = tokenize(splits, label_names, config)
-        out_dir = Path(config.output_dir) / run_id / "data"
+        out_dir = stage_dir(config, run_id, "data")
         dataset.save_to_disk(str(out_dir / "tokenized"))
         tokenizer.save_pretrained(str(out_dir / "tokenizer"))
         (out_dir / "label_names.json").write_text(json.dumps(label_names))
@@ -275,8 +284,8 @@ def _log(run_id, config, splits, rows, dropped, truncated, content_sha) -> None:
         for label, count in frame["label"].value_counts().items():
             metrics[f"data.class_count.{name}.{label}"] = int(count)
     log_metrics(run_id, metrics)
-    set_tags(run_id, {"data.content_sha256": content_sha, "data.path": config.data.path})
-    source = str(Path(config.data.path).resolve())
+    set_tags(run_id, {"data.content_sha256": content_sha, "data.path": redact(config.data.path)})
+    source = redact(Path(config.data.path).resolve())
     inputs = []
     for name, frame in splits.items():
         ds = mlflow.data.from_pandas(

@@ -32,6 +32,7 @@ from tasks.modeling import load_tokenizer
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
 from tasks.stage import stage_task
+from tasks.storage import stage_dir
 from tasks.tracking import (
     ArtifactRef,
     connect,
@@ -248,7 +249,7 @@ def quantize(
     connect(config.tracking)
     with stage_timer(run_id, "quantize"):
         fp32_dir = onnx.model.fetch()
-        out_dir = Path(config.output_dir) / run_id / "quantized"
+        out_dir = stage_dir(config, run_id, "quantized")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         test = load_test_split(data)

@@ -34,6 +34,7 @@ from tasks.registry import CHALLENGER, ensure_registered_model, move_production
 from tasks.serve_check import ServeReport
 from tasks.served_model import invoke, mlflow_models_serve
 from tasks.stage import stage_task
+from tasks.storage import stage_dir
 from tasks.tracking import (
     active_run,
     connect,
@@ -67,7 +68,7 @@ def build_serving_folder(
 ) -> Path:
     """The served ONNX model, its tokenizer and serving.json (labels, file, max length)."""
     src = quantized.model.fetch()
-    out_dir = Path(config.output_dir) / run_id / "serving_model"
+    out_dir = stage_dir(config, run_id, "serving_model")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)

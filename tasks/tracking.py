@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -19,9 +20,12 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.config import PipelineConfig, TrackingConfig
+from tasks.errors import PipelineError
 from tasks.gates import Gate
 
 DEFAULT_STORE = Path("mlruns")
@@ -63,11 +67,27 @@ def connect(tracking: TrackingConfig) -> tuple[MlflowClient, str]:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = client.get_experiment_by_name(tracking.experiment)
+    try:
+        experiment = client.get_experiment_by_name(tracking.experiment)
+    except MlflowException as exc:
+        if not _is_unreachable(exc):
+            raise
+        raise PipelineError(
+            f"MLflow tracking server {redact(uri)} cannot be reached (after "
+            f"{MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries): start it, or fix tracking.uri / "
+            f"MLFLOW_TRACKING_URI"
+        ) from None
     if experiment is not None:
         return client, experiment.experiment_id
     return client, client.create_experiment(
         tracking.experiment, artifact_location=_artifact_location(tracking, uri)
+    )
+
+
+def _is_unreachable(exc: MlflowException) -> bool:
+    text = str(exc)
+    return (
+        "Max retries exceeded" in text or "Connection refused" in text or "API request to" in text
     )
 
 
@@ -104,23 +124,32 @@ def _prefect_flow_run_id() -> str:
         return "none"
 
 
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(value: object) -> str:
+    """Text safe to log: credentials in URLs (scheme://user:password@host) become ***."""
+    return _USERINFO.sub(r"\g<scheme>***@", str(value))
+
+
 def start_pipeline_run(config: PipelineConfig, run_name: str | None = None) -> str:
     """Create the pipeline's MLflow run with params, tags and the resolved config."""
     client, experiment_id = connect(config.tracking)
     tags = {
         "prefect.flow_run_id": _prefect_flow_run_id(),
         "git.commit": _git_commit(),
-        "pipeline.base_model": config.model.name_or_path,
+        "pipeline.base_model": redact(config.model.name_or_path),
+        "model.trust_remote_code": str(config.model.trust_remote_code),
         **{f"version.{k}": v for k, v in package_versions().items()},
     }
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    params = [Param(k, str(v)[:6000]) for k, v in sorted(config.flat().items())]
+    params = [Param(k, redact(v)[:6000]) for k, v in sorted(config.flat().items())]
     for start in range(0, len(params), _BATCH):
         client.log_batch(run_id, params=params[start : start + _BATCH])
     client.log_text(
         run_id,
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        redact(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)),
         "config/resolved.yaml",
     )
     return run_id

@@ -25,6 +25,7 @@ from tasks.metrics import classification_metrics
 from tasks.modeling import build_lora_model, load_tokenizer, resolve_model_path
 from tasks.prepare_data import PreparedData
 from tasks.stage import stage_task
+from tasks.storage import stage_dir
 from tasks.tracking import ArtifactRef, connect, log_folder, log_metrics, set_tags, stage_timer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
@@ -146,7 +147,8 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
         model, report = build_lora_model(config.model, config.lora, data.label_names)
         device = pick_device(config.train)
         precision = pick_precision(config.train, device)
-        out_dir = Path(config.output_dir) / run_id
+        adapter_dir = stage_dir(config, run_id, "adapter")
+        out_dir = adapter_dir.parent
         trainer = GuardedTrainer(
             model=model,
             args=training_arguments(config, out_dir, device, precision),
@@ -180,7 +182,6 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
                 "lora.target_names": ",".join(report.target_names)[:5000],
             },
         )
-        adapter_dir = out_dir / "adapter"
         model.cpu()
         save_adapter(
             model,

@@ -14,6 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests never write to a user's tracking server
+# Planted credentials: tests/test_security.py checks none of them reaches MLflow.
+PLANTED_SECRET = "PLANTED-SECRET-7f3a9c"
+for _name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_KEY"):
+    os.environ[_name] = PLANTED_SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CSV = ROOT / "data" / "demo" / "support_tickets.csv"
@@ -42,6 +46,11 @@ def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
     )  # larger than BERT's 0.02: logits that depend on the input
     BertModel(config).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def planted_secret() -> str:
+    return PLANTED_SECRET
 
 
 @pytest.fixture(scope="session")
