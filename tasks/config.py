@@ -92,6 +92,14 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
     )
     deployment: str | None = Field(None, description="Prefect deployment to train on; None: here.")
+    checkpoint_steps: int = Field(
+        50, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
+    )
+    checkpoint_dir: str | None = Field(
+        None,
+        description="Durable folder for checkpoints (shared with GPU workers); default: "
+        "<output_dir>/checkpoints. A re-run of the same MLflow run resumes from the last one.",
+    )
 
 
 class EvalConfig(_Section):

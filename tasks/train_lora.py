@@ -17,6 +17,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from lora_core import save_adapter
 from tasks.config import PipelineConfig, TrainConfig
@@ -108,10 +109,17 @@ def _compute_metrics(label_names):
     return compute
 
 
+def checkpoint_dir(config: PipelineConfig, run_id: str) -> Path:
+    """Where this MLflow run's Trainer checkpoints live (durable, shared with GPU workers)."""
+    root = config.train.checkpoint_dir or str(Path(config.output_dir) / "checkpoints")
+    return Path(root) / run_id
+
+
 def training_arguments(config: PipelineConfig, out_dir: Path, device: str, precision: str):
     train = config.train
+    every = train.checkpoint_steps
     return TrainingArguments(
-        output_dir=str(out_dir / "trainer"),
+        output_dir=str(out_dir),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
         per_device_train_batch_size=train.batch_size,
@@ -121,7 +129,9 @@ def training_arguments(config: PipelineConfig, out_dir: Path, device: str, preci
         warmup_ratio=train.warmup_ratio,
         logging_steps=train.logging_steps,
         eval_strategy="epoch",
-        save_strategy="no",
+        save_strategy="steps" if every else "no",
+        save_steps=every or 500,
+        save_total_limit=2,  # the newest two: a crash while writing one leaves the other
         report_to=[],
         group_by_length=train.group_by_length,
         seed=train.seed,
@@ -148,17 +158,20 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
         device = pick_device(config.train)
         precision = pick_precision(config.train, device)
         adapter_dir = stage_dir(config, run_id, "adapter")
-        out_dir = adapter_dir.parent
+        checkpoints = checkpoint_dir(config, run_id)
         trainer = GuardedTrainer(
             model=model,
-            args=training_arguments(config, out_dir, device, precision),
+            args=training_arguments(config, checkpoints, device, precision),
             train_dataset=dataset["train"],
             eval_dataset=dataset["validation"] if "validation" in dataset else None,
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=_compute_metrics(data.label_names),
             callbacks=[MlflowStepLogger(run_id)],
         )
-        result = trainer.train()
+        resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if resume:
+            set_tags(run_id, {"train.resumed_from": Path(resume).name})
+        result = trainer.train(resume_from_checkpoint=resume)
         n_tokens = int(sum(len(ids) for ids in dataset["train"]["input_ids"]))
         epochs_done = result.metrics.get("epoch", config.train.epochs)
         log_metrics(
