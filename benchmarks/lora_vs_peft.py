@@ -14,8 +14,9 @@ What is measured
    same function (checked: eval logits must agree to 1e-5). model.train(); one step is
    forward + backward + AdamW step + zero_grad(set_to_none=True) on real tokenized demo training
    texts, batch 16, dynamically padded (DataCollatorWithPadding). Both engines see the same
-   batches; per batch the engine order alternates. Reported: median step time per engine, the
-   ratio of the medians (the headline figure) and the median of the per-batch paired ratios.
+   batches; per batch the two run back to back, the order alternating. Reported: median step time
+   per engine and, as the figure, the median of the per-batch ratios (robust to load that comes
+   and goes; the ratio of the medians is printed next to it).
 2. Memory (`peak_memory_ratio`): the peak of bytes allocated by torch's CPU allocator during one
    training step, above what was allocated when the step began (so: activations saved for
    backward, gradients, temporaries; the resident weights and AdamW state are excluded and shown
@@ -29,8 +30,9 @@ What is measured
    vs PEFT's `merge_and_unload(safe_merge=True)` (both check for inf/NaN before touching a
    weight). The unchecked variants (`merge_lora(safe=False)` + `unload_lora` vs
    `merge_and_unload()`) are shown too (`merge_time_ratio_unsafe`). Merged logits are compared.
+   Figure: median of the per-repetition ratios (the two timed back to back, order alternating).
 4. Training stage (`train_tokens_per_second_ratio`): real (non-pad, attention_mask == 1) tokens
-   fed to the model / wall time of `Trainer.train()` for
+   fed to the model / time spent training (from the first step to the end of the last) for
      A. our train stage: lora_core + Trainer with tasks.train_lora.training_arguments (so
         group_by_length=True) + DataCollatorWithPadding, evaluation switched off;
      B. plain PEFT + Trainer with default settings (random order, group_by_length=False,
@@ -38,7 +40,12 @@ What is measured
         decay, seed and logging interval;
      C. (full run only) lora_core with B's settings, to split the gain into engine and batching
         (`train_tokens_per_second_ratio_same_settings` = C / B).
-   Order A B C C B A (quick: A B); totals per arm over its runs.
+   The arms' Trainer.train() calls run in threads that take turns one optimizer step at a time
+   (A B C C B A ...), each arm's time being the sum of its turns, so all arms see the same
+   machine load. Quick run: arms A and B, 10 steps each; full run: the config's epochs.
+
+The run also reports the share of CPU time other processes used meanwhile (from /proc/stat) and
+warns above 10%: the timing ratios only mean something on an otherwise idle machine.
 
 Run:  .venv/bin/python benchmarks/lora_vs_peft.py [--quick] [--threads 2] [--json out.json]
 """
@@ -54,6 +61,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -69,7 +77,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import (  # noqa: E402
     DataCollatorWithPadding,
+    PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -82,6 +92,33 @@ from tasks.prepare_data import build_splits, check_labels, tokenize  # noqa: E40
 from tasks.train_lora import MODEL_INPUTS, training_arguments  # noqa: E402
 
 ENGINES = ("lora_core", "peft")
+
+
+class CpuMeter:
+    """Share of the machine's CPU time that other processes used while a section ran (Linux)."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        mine = os.times()
+        own = mine.user + mine.system + mine.children_user + mine.children_system
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own
+
+    def foreign_share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        wall = end[0] - self.start[0]
+        foreign = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, foreign / (wall * (os.cpu_count() or 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +265,10 @@ def saved_tensor_bytes(model, batch) -> int:
 
 
 def resident_bytes(model, opt) -> int:
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-               for t in [*model.parameters(), *model.buffers()]}
+    tensors = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in [*model.parameters(), *model.buffers()]
+    }
     for state in opt.state.values():
         for v in state.values():
             if isinstance(v, torch.Tensor):
@@ -251,8 +290,7 @@ def time_merges(ours, theirs, reps: int, check_batch: dict) -> dict:
         return unload_lora(m)
 
     variants = {
-        "safe": {"lora_core": ours_safe,
-                 "peft": lambda m: m.merge_and_unload(safe_merge=True)},
+        "safe": {"lora_core": ours_safe, "peft": lambda m: m.merge_and_unload(safe_merge=True)},
         "unsafe": {"lora_core": ours_unsafe, "peft": lambda m: m.merge_and_unload()},
     }
     sources = {"lora_core": ours, "peft": theirs}
@@ -297,47 +335,151 @@ class CountingCollator:
         return batch
 
 
-def train_run(arm: str, config: PipelineConfig, dataset, tokenizer, label_names,
-              max_steps: int | None) -> dict:
+class Lockstep:
+    """Lets several Trainer.train() calls, one thread each, take turns one optimizer step at a
+    time in the order A B C C B A A B C ..., and clocks each one's turns (so every arm sees the
+    same machine, whatever else runs on it)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.pattern = [*names, *reversed(names)]
+        self.pos = 0
+        self.active = list(names)
+        self.holder: str | None = None
+        self.since = 0.0
+        self.elapsed = dict.fromkeys(names, 0.0)
+        self.cond = threading.Condition()
+
+    def _turn(self) -> str | None:
+        if not self.active:
+            return None
+        while self.pattern[self.pos % len(self.pattern)] not in self.active:
+            self.pos += 1
+        return self.pattern[self.pos % len(self.pattern)]
+
+    def acquire(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self._turn() == name)
+            self.holder, self.since = name, time.perf_counter()
+
+    def release(self, name: str, done: bool = False) -> None:
+        with self.cond:
+            if self.holder == name:
+                self.elapsed[name] += time.perf_counter() - self.since
+                self.holder = None
+                self.pos += 1
+            if done and name in self.active:
+                self.active.remove(name)
+            self.cond.notify_all()
+
+
+class TakeTurns(TrainerCallback):
+    def __init__(self, lock: Lockstep, name: str) -> None:
+        self.lock, self.name = lock, name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.lock.acquire(self.name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.lock.release(self.name)
+        self.lock.acquire(self.name)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.lock.release(self.name, done=True)
+
+
+def make_trainer(
+    arm: str,
+    config: PipelineConfig,
+    dataset,
+    tokenizer,
+    label_names,
+    out_dir: Path,
+    max_steps: int | None,
+):
+    """Arm lora_core: our train stage's setup; peft: PEFT + Trainer defaults; lora_core_plain:
+    lora_core with the peft arm's Trainer settings."""
     set_seed(config.train.seed)
     torch.manual_seed(0)  # the new head's init, as tasks.modeling.build_lora_model
     model = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
-    with tempfile.TemporaryDirectory() as tmp:
-        ours_args = training_arguments(config, Path(tmp), "cpu", "fp32")
-        ours_args = dataclasses.replace(ours_args, eval_strategy="no")
-        if max_steps:
-            ours_args = dataclasses.replace(ours_args, max_steps=max_steps)
-        plain_args = TrainingArguments(  # defaults, apart from what must match
-            output_dir=str(Path(tmp) / "plain"),
-            num_train_epochs=ours_args.num_train_epochs,
-            max_steps=ours_args.max_steps,
-            per_device_train_batch_size=ours_args.per_device_train_batch_size,
-            learning_rate=ours_args.learning_rate,
-            weight_decay=ours_args.weight_decay,
-            warmup_ratio=ours_args.warmup_ratio,
-            logging_steps=ours_args.logging_steps,
-            seed=ours_args.seed,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
+    ours_args = training_arguments(config, out_dir / arm, "cpu", "fp32")
+    ours_args = dataclasses.replace(ours_args, eval_strategy="no")  # no eval set here
+    if max_steps:
+        ours_args = dataclasses.replace(ours_args, max_steps=max_steps)
+    plain_args = TrainingArguments(  # defaults, apart from what must match
+        output_dir=str(out_dir / arm / "plain"),
+        num_train_epochs=ours_args.num_train_epochs,
+        max_steps=ours_args.max_steps,
+        per_device_train_batch_size=ours_args.per_device_train_batch_size,
+        learning_rate=ours_args.learning_rate,
+        weight_decay=ours_args.weight_decay,
+        warmup_ratio=ours_args.warmup_ratio,
+        logging_steps=ours_args.logging_steps,
+        seed=ours_args.seed,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    if arm == "peft":
+        model = peft.get_peft_model(model, peft_config(lora_config(config.lora)))
+        args = plain_args
+    else:
+        inject_lora(model, lora_config(config.lora))
+        args = (
+            ours_args
+            if arm == "lora_core"
+            else dataclasses.replace(plain_args, label_names=["labels"])
         )
-        if arm == "peft":
-            model = peft.get_peft_model(model, peft_config(lora_config(config.lora)))
-            args = plain_args
-        else:
-            inject_lora(model, lora_config(config.lora))
-            args = ours_args if arm == "lora_core" else dataclasses.replace(
-                plain_args, label_names=["labels"])
-        collator = CountingCollator(tokenizer)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    collator = CountingCollator(tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer.remove_callback(PrinterCallback)
+    return trainer, collator
+
+
+def train_lockstep(
+    arms: list[str], config: PipelineConfig, dataset, tokenizer, label_names, max_steps: int | None
+) -> dict:
+    """Train every arm once, the arms taking turns step by step; tokens and seconds per arm."""
+    lock = Lockstep(arms)
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        setups = {
+            arm: make_trainer(arm, config, dataset, tokenizer, label_names, Path(tmp), max_steps)
+            for arm in arms
+        }
+
+        def run(arm: str) -> None:
+            trainer, collator = setups[arm]
+            trainer.add_callback(TakeTurns(lock, arm))
+            try:
+                out = trainer.train()
+                results[arm] = {"steps": out.global_step, "loss": out.training_loss}
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(exc)
+            finally:
+                lock.release(arm, done=True)
+
         gc.collect()
-        t0 = time.perf_counter()
-        result = trainer.train()
-        wall = time.perf_counter() - t0
-    return {"arm": arm, "wall_s": wall, "real_tokens": collator.real,
-            "padded_tokens": collator.padded, "steps": result.global_step,
-            "group_by_length": args.group_by_length, "loss": result.training_loss}
+        threads = [threading.Thread(target=run, args=(arm,), name=f"train-{arm}") for arm in arms]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    for arm in arms:
+        collator = setups[arm][1]
+        wall = lock.elapsed[arm]
+        results[arm] |= {
+            "wall_s": wall,
+            "real_tokens": collator.real,
+            "padded_tokens": collator.padded,
+            "tokens_per_s": collator.real / wall,
+            "pad_share": 1 - collator.real / collator.padded,
+            "group_by_length": setups[arm][0].args.group_by_length,
+        }
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +488,11 @@ def train_run(arm: str, config: PipelineConfig, dataset, tokenizer, label_names,
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """Median of the per-pair ratios a[i] / b[i] (pairs measured back to back)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def fmt_s(x: float) -> str:
@@ -366,14 +513,14 @@ def main(argv: list[str] | None = None) -> dict:
     opts = ap.parse_args(argv)
 
     t_start = time.perf_counter()
+    whole = CpuMeter()
     torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     set_seed(0)
-    n_batches, passes, warmup, merge_reps = (6, 2, 2, 4) if opts.quick else (16, 3, 4, 12)
-    train_arms = ("lora_core", "peft") if opts.quick else (
-        "lora_core", "peft", "lora_core_plain", "lora_core_plain", "peft", "lora_core")
-    train_max_steps = 12 if opts.quick else None
+    n_batches, passes, warmup, merge_reps = (6, 2, 2, 5) if opts.quick else (16, 3, 4, 20)
+    train_arms = ["lora_core", "peft"] if opts.quick else ["lora_core", "peft", "lora_core_plain"]
+    train_max_steps = 10 if opts.quick else None
 
     config = load_config(opts.config)
     if not Path(config.data.path).exists():  # relative to the repository, not the cwd
@@ -382,24 +529,34 @@ def main(argv: list[str] | None = None) -> dict:
     label_names = check_labels(splits)
     dataset, tokenizer, _ = tokenize(splits, label_names, config)
     train_ds = dataset["train"].select_columns(
-        [c for c in dataset["train"].column_names if c in MODEL_INPUTS])
+        [c for c in dataset["train"].column_names if c in MODEL_INPUTS]
+    )
     rows = [train_ds[i] for i in range(len(train_ds))]
     batches = make_batches(rows, tokenizer, opts.batch_size, n_batches, seed=0)
     base_cfg = lora_config(config.lora)
     torch.manual_seed(0)
     base = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
     lens = sorted(b["input_ids"].shape[1] for b in batches)
-    print(f"lora_vs_peft: torch {torch.__version__}, peft {peft.__version__}, "
-          f"threads {torch.get_num_threads()}, {'quick' if opts.quick else 'full'} run")
-    print(f"  model {type(base).__name__} ({len(label_names)} labels), LoRA r={base_cfg.r} "
-          f"alpha={base_cfg.alpha:g} targets={base_cfg.target_modules} "
-          f"modules_to_save={base_cfg.modules_to_save}")
-    print(f"  {len(batches)} batches of {opts.batch_size} demo training texts, padded lengths "
-          f"{lens[0]}..{lens[-1]}; {passes} interleaved passes after {warmup} warm-up steps")
+    print(
+        f"lora_vs_peft: torch {torch.__version__}, peft {peft.__version__}, "
+        f"threads {torch.get_num_threads()}, {'quick' if opts.quick else 'full'} run"
+    )
+    print(
+        f"  model {type(base).__name__} ({len(label_names)} labels), LoRA r={base_cfg.r} "
+        f"alpha={base_cfg.alpha:g} targets={base_cfg.target_modules} "
+        f"modules_to_save={base_cfg.modules_to_save}"
+    )
+    print(
+        f"  step/memory: {len(batches)} batches of {opts.batch_size} demo training texts, "
+        f"padded lengths {lens[0]}..{lens[-1]}, {warmup} warm-up steps then {passes} passes, "
+        f"engines alternating per batch",
+        flush=True,
+    )
 
-    res: dict = {"step": {}, "memory": {}, "merge": {}, "train": {}}
+    res: dict = {"step": {}, "memory": {}, "merge": {}, "train": {}, "foreign_cpu": {}}
     mem_batches = sorted(batches, key=lambda b: -b["input_ids"].shape[1])[:2]
     for dropout in (0.0, 0.1):
+        meter = CpuMeter()
         cfg = dataclasses.replace(base_cfg, dropout=dropout)
         ours, theirs = build_pair(base, cfg)
         diff = max_logit_diff(ours, theirs, batches[0])
@@ -407,14 +564,15 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"lora_core and peft models differ (max logit diff {diff:g})")
         out = time_steps({"lora_core": ours, "peft": theirs}, batches, warmup, passes)
         times = out["times"]
-        paired = [a / b for a, b in zip(times["lora_core"], times["peft"], strict=True)]
         res["step"][dropout] = {
             "median_s": {n: statistics.median(times[n]) for n in ENGINES},
-            "ratio": ratio(statistics.median(times["lora_core"]),
-                           statistics.median(times["peft"])),
-            "paired_median_ratio": statistics.median(paired),
+            "ratio_of_medians": ratio(
+                statistics.median(times["lora_core"]), statistics.median(times["peft"])
+            ),
+            "paired_ratio": paired(times["lora_core"], times["peft"]),
             "logit_diff": diff,
         }
+        res["foreign_cpu"][f"step_dropout{dropout:g}"] = meter.foreign_share()
         mem = {}
         for name, model in (("lora_core", ours), ("peft", theirs)):
             opt = out["opts"][name]
@@ -426,89 +584,126 @@ def main(argv: list[str] | None = None) -> dict:
         res["memory"][dropout] = mem
         del ours, theirs, out
         gc.collect()
+        print(f"  step time, dropout {dropout:g}: done", flush=True)
 
+    meter = CpuMeter()
     ours, theirs = build_pair(base, base_cfg, randomize_b=True)
     res["merge"] = time_merges(ours, theirs, merge_reps, batches[0])
+    res["foreign_cpu"]["merge"] = meter.foreign_share()
     del ours, theirs
     gc.collect()
+    length = f"{train_max_steps} steps" if train_max_steps else f"{config.train.epochs:g} epochs"
+    print(
+        f"  merge: done; training {', '.join(train_arms)} in lockstep ({length} each)", flush=True
+    )
 
-    runs = [train_run(arm, config, train_ds, tokenizer, label_names, train_max_steps)
-            for arm in train_arms]
-    for arm in dict.fromkeys(train_arms):
-        mine = [r for r in runs if r["arm"] == arm]
-        real = sum(r["real_tokens"] for r in mine)
-        padded = sum(r["padded_tokens"] for r in mine)
-        wall = sum(r["wall_s"] for r in mine)
-        res["train"][arm] = {"runs": len(mine), "steps": mine[0]["steps"], "wall_s": wall,
-                             "real_tokens": real, "padded_tokens": padded,
-                             "tokens_per_s": real / wall, "pad_share": 1 - real / padded,
-                             "group_by_length": mine[0]["group_by_length"],
-                             "loss": statistics.mean(r["loss"] for r in mine)}
+    meter = CpuMeter()
+    res["train"] = train_lockstep(
+        train_arms, config, train_ds, tokenizer, label_names, train_max_steps
+    )
+    res["foreign_cpu"]["train"] = meter.foreign_share()
+    res["foreign_cpu"]["whole"] = whole.foreign_share()
     total = time.perf_counter() - t_start
 
     # ----- the table
-    line = "-" * 94
+    line = "-" * 100
     print()
-    print(f"{'measure':<44}{'lora_core':>16}{'peft':>16}{'ratio':>10}  note")
+    print(f"{'measure':<46}{'lora_core':>16}{'peft':>16}{'ratio':>10}  note")
     print(line)
     for dropout, s in res["step"].items():
         m = s["median_s"]
-        print(f"{f'train step, median, dropout {dropout:g}':<44}{fmt_s(m['lora_core']):>16}"
-              f"{fmt_s(m['peft']):>16}{s['ratio']:>10.3f}  paired {s['paired_median_ratio']:.3f}")
+        print(
+            f"{f'train step time, dropout {dropout:g}':<46}{fmt_s(m['lora_core']):>16}"
+            f"{fmt_s(m['peft']):>16}{s['paired_ratio']:>10.3f}  "
+            f"(ratio of medians {s['ratio_of_medians']:.3f})"
+        )
     peak_ratios = {}
     for dropout, mem in res["memory"].items():
         a, b = mem["lora_core"], mem["peft"]
         peak_ratios[dropout] = ratio(a["step_peak"], b["step_peak"])
-        print(f"{f'step peak allocation, dropout {dropout:g}':<44}{fmt_mb(a['step_peak']):>16}"
-              f"{fmt_mb(b['step_peak']):>16}{peak_ratios[dropout]:>10.3f}")
-        print(f"{f'  saved for backward, dropout {dropout:g}':<44}{fmt_mb(a['saved']):>16}"
-              f"{fmt_mb(b['saved']):>16}{ratio(a['saved'], b['saved']):>10.3f}")
-        print(f"{f'  resident weights + AdamW, dropout {dropout:g}':<44}"
-              f"{fmt_mb(a['resident']):>16}{fmt_mb(b['resident']):>16}"
-              f"{ratio(a['resident'], b['resident']):>10.3f}")
+        print(
+            f"{f'step peak allocation, dropout {dropout:g}':<46}{fmt_mb(a['step_peak']):>16}"
+            f"{fmt_mb(b['step_peak']):>16}{peak_ratios[dropout]:>10.3f}"
+        )
+        print(
+            f"{f'  saved for backward, dropout {dropout:g}':<46}{fmt_mb(a['saved']):>16}"
+            f"{fmt_mb(b['saved']):>16}{ratio(a['saved'], b['saved']):>10.3f}"
+        )
+        print(
+            f"{f'  resident weights + AdamW, dropout {dropout:g}':<46}"
+            f"{fmt_mb(a['resident']):>16}{fmt_mb(b['resident']):>16}"
+            f"{ratio(a['resident'], b['resident']):>10.3f}"
+        )
     mt = res["merge"]["times"]
     merge_ratios = {}
     for variant in ("safe", "unsafe"):
         ma, mb = (statistics.median(mt[variant][n]) for n in ENGINES)
-        merge_ratios[variant] = ratio(ma, mb)
-        print(f"{f'merge + unload ({variant}), median':<44}{fmt_s(ma):>16}{fmt_s(mb):>16}"
-              f"{merge_ratios[variant]:>10.3f}")
+        merge_ratios[variant] = paired(mt[variant]["lora_core"], mt[variant]["peft"])
+        print(
+            f"{f'merge + unload ({variant})':<46}{fmt_s(ma):>16}{fmt_s(mb):>16}"
+            f"{merge_ratios[variant]:>10.3f}  (ratio of medians {ratio(ma, mb):.3f})"
+        )
     tr = res["train"]
-    for arm, label in (("lora_core", "ours: lora_core, group_by_length"),
-                       ("lora_core_plain", "lora_core, Trainer defaults")):
+    for arm, label in (
+        ("lora_core", "our train stage"),
+        ("lora_core_plain", "lora_core, Trainer defaults"),
+    ):
         if arm in tr:
-            print(f"{f'train tok/s ({label})':<44}{tr[arm]['tokens_per_s']:>16.0f}"
-                  f"{tr['peft']['tokens_per_s']:>16.0f}"
-                  f"{ratio(tr[arm]['tokens_per_s'], tr['peft']['tokens_per_s']):>10.3f}")
+            print(
+                f"{f'train tokens/s ({label})':<46}{tr[arm]['tokens_per_s']:>16.0f}"
+                f"{tr['peft']['tokens_per_s']:>16.0f}"
+                f"{ratio(tr[arm]['tokens_per_s'], tr['peft']['tokens_per_s']):>10.3f}"
+            )
     print(line)
+    print("  step and merge ratios: median of per-pair ratios (pairs timed back to back)")
     for arm, t in tr.items():
-        print(f"  train arm {arm:<16} group_by_length={t['group_by_length']!s:<5} "
-              f"{t['runs']} run(s) x {t['steps']} steps: {t['real_tokens']} real tokens of "
-              f"{t['padded_tokens']} fed ({100 * t['pad_share']:.1f}% padding) in "
-              f"{t['wall_s']:.1f} s -> {t['tokens_per_s']:.0f} tok/s, mean loss {t['loss']:.3f}")
-    print(f"  parity: eval logits max |diff| before training "
-          f"{max(s['logit_diff'] for s in res['step'].values()):.2g}, after safe merge "
-          f"{res['merge']['merged_logit_diff']:.2g}")
+        print(
+            f"  train arm {arm:<16} group_by_length={t['group_by_length']!s:<5} "
+            f"{t['steps']} steps: {t['real_tokens']} real tokens of {t['padded_tokens']} fed "
+            f"({100 * t['pad_share']:.1f}% padding) in {t['wall_s']:.1f} s -> "
+            f"{t['tokens_per_s']:.0f} tok/s, loss {t['loss']:.3f}"
+        )
+    print(
+        f"  parity: eval logits max |diff| before training "
+        f"{max(s['logit_diff'] for s in res['step'].values()):.2g}, after safe merge "
+        f"{res['merge']['merged_logit_diff']:.2g}"
+    )
+    foreign = {k: v for k, v in res["foreign_cpu"].items() if v is not None}
+    if foreign:
+        print(
+            "  CPU used by other processes meanwhile: "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in foreign.items())
+        )
+        if max(foreign.values()) > 0.1:
+            print(
+                "  WARNING: other processes loaded the machine; timing ratios are noisy, "
+                "rerun on a quiet machine"
+            )
     print()
     figures = {
-        "step_time_ratio_dropout0": res["step"][0.0]["ratio"],
-        "step_time_ratio_dropout0.1": res["step"][0.1]["ratio"],
+        "step_time_ratio_dropout0": res["step"][0.0]["paired_ratio"],
+        "step_time_ratio_dropout0.1": res["step"][0.1]["paired_ratio"],
         "peak_memory_ratio": max(peak_ratios.values()),
         "merge_time_ratio": merge_ratios["safe"],
         "merge_time_ratio_unsafe": merge_ratios["unsafe"],
-        "train_tokens_per_second_ratio": ratio(tr["lora_core"]["tokens_per_s"],
-                                               tr["peft"]["tokens_per_s"]),
+        "train_tokens_per_second_ratio": ratio(
+            tr["lora_core"]["tokens_per_s"], tr["peft"]["tokens_per_s"]
+        ),
     }
     if "lora_core_plain" in tr:
         figures["train_tokens_per_second_ratio_same_settings"] = ratio(
-            tr["lora_core_plain"]["tokens_per_s"], tr["peft"]["tokens_per_s"])
+            tr["lora_core_plain"]["tokens_per_s"], tr["peft"]["tokens_per_s"]
+        )
     for key, value in figures.items():
         print(f"{key} = {value:.3f}")
     print(f"(whole benchmark: {total:.0f} s)")
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.json).write_text(json.dumps({"figures": figures, "details": res,
-                                               "seconds": total}, indent=2, default=str))
+        Path(opts.json).write_text(
+            json.dumps(
+                {"figures": figures, "details": res, "seconds": total}, indent=2, default=str
+            )
+        )
     return figures
 
 

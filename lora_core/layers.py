@@ -168,7 +168,9 @@ class LoraLinear(LoraLayer):
         lora_A = self.lora_A
         if x.dtype != lora_A.weight.dtype:
             x = x.to(lora_A.weight.dtype)
-        update = self.lora_B(lora_A(self.lora_dropout(x))) * self.scaling
+        # Scale the rank-r activations, not the output: a (tokens x r) multiply instead of a
+        # (tokens x out_features) one, forward and backward (PEFT scales the output).
+        update = self.lora_B(lora_A(self.lora_dropout(x)) * self.scaling)
         if update.dtype != result.dtype:
             update = update.to(result.dtype)
         return result + update
