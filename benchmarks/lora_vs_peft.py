@@ -402,7 +402,8 @@ def make_trainer(
     torch.manual_seed(0)  # the new head's init, as tasks.modeling.build_lora_model
     model = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
     ours_args = training_arguments(config, out_dir / arm, "cpu", "fp32")
-    ours_args = dataclasses.replace(ours_args, eval_strategy="no")  # no eval set here
+    # no eval set here, and no checkpoint writes inside the timed steps
+    ours_args = dataclasses.replace(ours_args, eval_strategy="no", save_strategy="no")
     if max_steps:
         ours_args = dataclasses.replace(ours_args, max_steps=max_steps)
     plain_args = TrainingArguments(  # defaults, apart from what must match
