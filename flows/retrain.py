@@ -7,16 +7,17 @@ from dataclasses import asdict, dataclass
 
 from prefect import flow, get_run_logger
 
+from flows.train import train_on_deployment
 from tasks.config import PipelineConfig, load_config
 from tasks.evaluate import evaluate_task
 from tasks.export_onnx import export_onnx_task
 from tasks.merge import merge_task
-from tasks.prepare_data import prepare_data_task
+from tasks.prepare_data import PreparedData, prepare_data_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
 from tasks.serve_check import serve_check_task
 from tasks.tracking import end_pipeline_run, log_metrics, start_pipeline_run
-from tasks.train_lora import train_lora_task
+from tasks.train_lora import TrainedAdapter, train_lora_task
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,20 @@ class RetrainResult:
     served_accuracy: float
 
 
+def train(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
+    """In this process, or on the deployment `train.deployment` (e.g. lora-train/gpu)."""
+    if config.train.deployment:
+        return train_on_deployment(config, data, run_id)
+    return train_lora_task(config, data, run_id)
+
+
 def run_pipeline(config: PipelineConfig) -> RetrainResult:
     """Run every stage inside one MLflow run; the run ends FAILED if any stage raises."""
     start = time.perf_counter()
     run_id = start_pipeline_run(config)
     try:
         data = prepare_data_task(config, run_id)
-        trained = train_lora_task(config, data, run_id)
+        trained = train(config, data, run_id)
         evaluation = evaluate_task(config, data, trained, run_id)
         merged = merge_task(config, data, trained, run_id)
         onnx = export_onnx_task(config, data, merged, run_id)

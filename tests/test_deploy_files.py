@@ -20,25 +20,56 @@ def _deployments() -> dict[str, dict]:
     return {d["name"]: d for d in spec["deployments"]}
 
 
+# deployment name -> (flow name, work pool)
+EXPECTED = {
+    "nightly": ("lora-retrain", "cpu"),
+    "adhoc": ("lora-retrain", "cpu"),
+    "gpu": ("lora-train", "gpu"),
+    "manual": ("lora-promote", "cpu"),
+}
+
+
 def test_prefect_deployments_load_their_flow_and_parameters(monkeypatch):
     monkeypatch.chdir(ROOT)
     deployments = _deployments()
-    assert {"nightly", "adhoc"} <= set(deployments)
-    for deployment in deployments.values():
+    assert set(deployments) == set(EXPECTED)
+    for name, deployment in deployments.items():
         flow = load_flow_from_entrypoint(deployment["entrypoint"])
-        assert flow.name == "lora-retrain"
-        assert (
-            flow.validate_parameters(deployment.get("parameters", {}))["config_path"]
-            == "configs/default.yaml"
-        )
-        assert deployment["work_pool"]["name"] == "cpu"
+        assert (flow.name, deployment["work_pool"]["name"]) == EXPECTED[name], name
+        if flow.name == "lora-train":  # every parameter comes from the retrain flow's call
+            assert "parameters" not in deployment
+            continue
+        params = flow.validate_parameters(deployment["parameters"])
+        assert params["config_path"] == "configs/default.yaml", name
 
 
-def test_nightly_has_a_valid_cron_schedule_and_adhoc_none():
+def test_retrain_deployments_send_training_to_the_gpu_deployment(monkeypatch):
+    from tasks.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    deployments = _deployments()
+    for name in ("nightly", "adhoc"):
+        params = deployments[name]["parameters"]
+        config = load_config(params["config_path"], params["overrides"])
+        assert config.train.deployment == "lora-train/gpu", name
+
+
+def test_gpu_deployment_runs_one_training_at_a_time_and_queues_the_rest():
+    limit = _deployments()["gpu"]["concurrency_limit"]
+    assert limit == {"limit": 1, "collision_strategy": "ENQUEUE"}
+
+
+def test_nightly_has_a_valid_cron_schedule_and_the_others_none():
     deployments = _deployments()
     schedule = deployments["nightly"]["schedules"][0]
     assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 2 * * *"
-    assert "schedules" not in deployments["adhoc"]
+    assert [n for n, d in deployments.items() if d.get("schedules")] == ["nightly"]
+
+
+def test_workers_resolve_the_checkout_at_run_time():
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    step = spec["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert step["directory"] == "{{ $LORA_RETRAIN_HOME }}"
 
 
 def test_docker_compose_file_is_valid():
@@ -60,14 +91,71 @@ def test_docker_compose_file_is_valid():
     assert result.returncode == 0, result.stderr
 
 
+def _compose_services() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
 def test_docker_compose_requires_secrets_from_the_environment():
-    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = spec["services"]
-    assert {"postgres", "minio", "mlflow", "prefect-server", "worker-cpu"} <= set(services)
+    services = _compose_services()
+    assert {
+        "postgres",
+        "minio",
+        "create-bucket",
+        "mlflow",
+        "prefect-server",
+        "worker-cpu",
+        "worker-gpu",
+    } <= set(services)
     password = services["postgres"]["environment"]["POSTGRES_PASSWORD"]
     assert password.startswith(
         "${POSTGRES_PASSWORD:?"
     )  # no default: compose refuses to start without it
-    for service in services.values():
+    for name, service in services.items():
+        for key, value in service.get("environment", {}).items():
+            if any(word in key for word in ("PASSWORD", "SECRET")):
+                assert str(value).startswith("${"), f"{name}.{key} is not from the environment"
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{port} listens beyond loopback"
+
+
+def test_docker_compose_services_have_health_checks_and_named_volumes():
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in spec["services"].items():
+        if name != "create-bucket":  # a one-shot job
+            assert "healthcheck" in service, name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert source.startswith("./") or source in spec["volumes"], (name, volume)
+    assert {"postgres-data", "minio-data"} <= set(spec["volumes"])
+
+
+def test_docker_compose_mlflow_uses_postgres_and_proxies_artifacts_to_the_bucket():
+    services = _compose_services()
+    command = " ".join(services["mlflow"]["command"].split())
+    assert "--backend-store-uri postgresql+psycopg2://" in command
+    assert "--serve-artifacts" in command and "--artifacts-destination s3://" in command
+    assert services["mlflow"]["depends_on"]["create-bucket"] == {
+        "condition": "service_completed_successfully"
+    }
+    prefect_db = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert prefect_db.startswith("postgresql+asyncpg://")
+
+
+def test_docker_compose_workers_serve_their_pools_and_the_gpu_one_reserves_a_gpu():
+    services = _compose_services()
+    assert "--pool cpu" in services["worker-cpu"]["command"]
+    assert "--pool gpu" in services["worker-gpu"]["command"]
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    for name in ("worker-cpu", "worker-gpu"):
+        assert services[name]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert services["worker-gpu"]["environment"]["LORA_TRAIN_OUTPUT_DIR"]
+
+
+def test_worker_images_run_as_non_root_and_the_gpu_one_has_cuda():
+    for name in ("worker.Dockerfile", "worker-gpu.Dockerfile"):
+        lines = (ROOT / "docker" / name).read_text().splitlines()
+        users = [line.split()[1] for line in lines if line.startswith("USER ")]
+        assert users and users[-1] not in ("root", "0"), name
+    gpu = (ROOT / "docker" / "worker-gpu.Dockerfile").read_text()
+    assert "nvidia/cuda:" in gpu and "onnxruntime-gpu" in gpu and "whl/cu" in gpu

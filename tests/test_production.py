@@ -1,0 +1,431 @@
+"""The production topology as real processes on 127.0.0.1, started and stopped by this test.
+
+docker-compose.yml runs these as containers; with no Docker engine here they run natively:
+a throwaway PostgreSQL cluster (databases `mlflow` and `prefect`), `mlflow server` on it with a
+local artifact folder served through the server, `prefect server start` on it, one process
+worker for the `cpu` pool and one for `gpu`, `prefect deploy --all` from this checkout, then
+`prefect deployment run 'lora-retrain/adhoc' --watch` with a tiny config that the deployment's
+own overrides send through `lora-train/gpu`. Each worker has its own output folder, so the data
+and the adapter can only travel through the MLflow artifact store.
+
+Needs PostgreSQL's server binaries (initdb, postgres: Debian's `postgresql` package; .ci/run
+installs it) and psycopg2 (the `test` extra).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PREFECT = [sys.executable, "-m", "prefect"]
+MLFLOW = [sys.executable, "-m", "mlflow"]
+DB_USER = "lora"
+DB_PASSWORD = "test-only-password"  # a throwaway cluster on loopback, deleted afterwards
+MODEL_NAME = "tiny-classifier"
+
+
+def _pg_binary(name: str) -> str | None:
+    """A PostgreSQL server binary: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
+    candidates.sort(key=lambda p: int(re.search(r"/(\d+)/bin/", p).group(1)))
+    return candidates[-1] if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float, alive=None) -> None:
+    """Poll `check` until true; fail after `timeout` s or as soon as the process `alive` died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {alive.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _get_json(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.status == 200
+
+
+class Processes:
+    """Servers and workers, each in its own session, stopped in reverse order (always)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.started: list[tuple[str, subprocess.Popen, int]] = []
+
+    def start(self, name: str, argv: list[str], env: dict, stop_signal=signal.SIGTERM, **kw):
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed by the child
+        try:
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **kw,
+            )
+        finally:
+            log.close()
+        self.started.append((name, process, stop_signal))
+        return process
+
+    def stop_all(self) -> None:
+        for _name, process, stop_signal in reversed(self.started):
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, stop_signal)
+                    process.wait(timeout=30)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+            try:  # anything left in the group (flow-run subprocesses of a worker)
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.started.clear()
+
+    def logs(self, chars: int = 4000) -> str:
+        parts = []
+        for log in sorted(self.log_dir.glob("*.log")):
+            parts.append(
+                f"----- {log.name} (tail) -----\n{log.read_text(errors='replace')[-chars:]}"
+            )
+        return "\n".join(parts)
+
+
+def _start_postgres(procs: Processes, work: Path) -> int:
+    """initdb a throwaway cluster (as `postgres` when we are root), start it, create the DBs."""
+    initdb, postgres = _pg_binary("initdb"), _pg_binary("postgres")
+    if not (initdb and postgres):
+        pytest.fail(
+            "PostgreSQL server binaries not found (initdb, postgres): "
+            "apt-get install postgresql (.ci/run does)"
+        )
+    as_user: dict = {}
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        owner = "postgres" if _user_exists("postgres") else "nobody"
+        as_user = {"user": owner, "group": pwd.getpwnam(owner).pw_gid, "extra_groups": []}
+    pg_dir = Path(tempfile.mkdtemp(prefix="lora-pg-", dir="/tmp"))  # short socket path
+    (pg_dir / "pw").write_text(DB_PASSWORD + "\n")
+    if as_user:
+        for path in (pg_dir, pg_dir / "pw"):
+            os.chown(path, pwd.getpwnam(as_user["user"]).pw_uid, as_user["group"])
+    work.joinpath("pg_dir").write_text(str(pg_dir))
+    subprocess.run(
+        [initdb, "-D", str(pg_dir / "data"), "-U", DB_USER, f"--pwfile={pg_dir / 'pw'}",
+         "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
+        check=True, capture_output=True, timeout=120, cwd=pg_dir, **as_user,
+    )  # fmt: skip
+    port = _free_port()
+    server = procs.start(
+        "postgres",
+        [postgres, "-D", str(pg_dir / "data"), "-p", str(port), "-k", str(pg_dir),
+         "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
+         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+        env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"},
+        stop_signal=signal.SIGINT,  # "fast" shutdown: disconnect clients, stop
+        cwd=pg_dir,
+        **as_user,
+    )  # fmt: skip
+    import psycopg2
+
+    def create_databases() -> bool:
+        try:
+            conn = psycopg2.connect(
+                host="127.0.0.1", port=port, user=DB_USER, password=DB_PASSWORD,
+                dbname="postgres", connect_timeout=3,
+            )  # fmt: skip
+        except psycopg2.OperationalError:
+            return False
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            for name in ("mlflow", "prefect"):
+                cursor.execute(f"CREATE DATABASE {name}")
+        conn.close()
+        return True
+
+    _wait_for("PostgreSQL", create_databases, timeout=60, alive=server)
+    return port
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without Prefect/MLflow settings, the venv first on PATH, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, make_tiny_config):
+    """Every server and both workers, up; torn down afterwards whatever happened."""
+    work = tmp_path_factory.mktemp("production")
+    (work / "logs").mkdir()
+    procs = Processes(work / "logs")
+    try:
+        pg_port = _start_postgres(procs, work)
+        db = f"{DB_USER}:{DB_PASSWORD}@127.0.0.1:{pg_port}"
+
+        mlflow_port = _free_port()
+        mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
+        mlflow_server = procs.start(
+            "mlflow-server",
+            [*MLFLOW, "server", "--host", "127.0.0.1",
+             "--port", str(mlflow_port), "--workers", "1",
+             "--backend-store-uri", f"postgresql+psycopg2://{db}/mlflow",
+             "--artifacts-destination", str(work / "artifact-store"), "--serve-artifacts"],
+            env=_clean_env(),
+            cwd=work,
+        )  # fmt: skip
+        prefect_port = _free_port()
+        api_url = f"http://127.0.0.1:{prefect_port}/api"
+        prefect_env = {
+            "PREFECT_HOME": str(work / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_CLI_PROMPT": "false",
+        }
+        prefect_server = procs.start(
+            "prefect-server",
+            [*PREFECT, "server", "start", "--host", "127.0.0.1",
+             "--port", str(prefect_port), "--no-ui"],
+            env=_clean_env(
+                **prefect_env,
+                PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://{db}/prefect",
+                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",  # default 60
+            ),
+            cwd=work,
+        )  # fmt: skip
+        _wait_for("mlflow server", lambda: _http_ok(f"{mlflow_uri}/health"), 180, mlflow_server)
+        _wait_for("prefect server", lambda: _http_ok(f"{api_url}/health"), 180, prefect_server)
+
+        client_env = _clean_env(**prefect_env, PREFECT_API_URL=api_url)
+
+        def prefect(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+            result = subprocess.run(
+                [*PREFECT, *args], env=client_env, cwd=ROOT,
+                capture_output=True, text=True, timeout=timeout,
+            )  # fmt: skip
+            assert result.returncode == 0, (
+                f"prefect {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+            )
+            return result
+
+        for pool in ("cpu", "gpu"):
+            prefect("work-pool", "create", pool, "--type", "process")
+        prefect("--no-prompt", "deploy", "--all", timeout=300)
+
+        outputs = {pool: work / f"{pool}-worker-outputs" for pool in ("cpu", "gpu")}
+        for pool in ("cpu", "gpu"):
+            worker_env = _clean_env(
+                **prefect_env,
+                PREFECT_API_URL=api_url,
+                PREFECT_WORKER_QUERY_SECONDS="2",
+                MLFLOW_TRACKING_URI=mlflow_uri,
+                LORA_RETRAIN_HOME=str(ROOT),
+                LORA_TRAIN_OUTPUT_DIR=str(outputs["gpu"]),
+            )
+            if pool == "cpu":
+                del worker_env["LORA_TRAIN_OUTPUT_DIR"]
+            procs.start(
+                f"worker-{pool}",
+                [*PREFECT, "worker", "start", "--pool", pool,
+                 "--type", "process", "--name", f"{pool}-worker"],
+                env=worker_env,
+                cwd=work,  # not the checkout: the pull step must move flow runs there
+            )  # fmt: skip
+        for pool in ("cpu", "gpu"):
+            _wait_for(
+                f"worker for pool {pool}",
+                lambda pool=pool: _get_json(f"{api_url}/work_pools/{pool}")["status"] == "READY",
+                90,
+            )
+
+        config = make_tiny_config(
+            work,
+            [
+                "tracking.uri=null",  # the workers' MLFLOW_TRACKING_URI: the server
+                "tracking.artifact_location=null",  # the server's proxied artifact store
+                "tracking.experiment=production-topology",
+                f"output_dir={outputs['cpu']}",
+            ],
+        )
+        assert config.train.deployment is None  # the deployment's own overrides set it
+        config_path = work / "tiny-config.yaml"
+        config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        run = prefect(
+            "deployment", "run", "lora-retrain/adhoc",
+            "--params", json.dumps({"config_path": str(config_path)}),
+            "--watch", "--watch-timeout", "600",
+            timeout=660,
+        )  # fmt: skip
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+        yield {
+            "api": api_url,
+            "mlflow_uri": mlflow_uri,
+            "outputs": outputs,
+            "artifact_store": work / "artifact-store",
+            "flow_run_id": flow_run_id,
+            "watch_output": run.stdout,
+            "logs": work / "logs",
+            "procs": procs,
+        }
+    except BaseException:
+        sys.stderr.write(procs.logs())
+        raise
+    finally:
+        procs.stop_all()
+        pg_dir = work / "pg_dir"
+        if pg_dir.exists():
+            shutil.rmtree(pg_dir.read_text(), ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_run(stack):
+    client = MlflowClient(tracking_uri=stack["mlflow_uri"], registry_uri=stack["mlflow_uri"])
+    experiment = client.get_experiment_by_name("production-topology")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{stack['flow_run_id']}'",
+    )
+    assert len(runs) == 1, stack["procs"].logs()
+    return client, runs[0]
+
+
+def _flow_run(stack, flow_run_id: str) -> dict:
+    return _get_json(f"{stack['api']}/flow_runs/{flow_run_id}")
+
+
+def _deployment(stack, name: str) -> dict:
+    return _get_json(f"{stack['api']}/deployments/name/{name}")
+
+
+def test_both_flow_runs_completed_on_their_own_pools(stack, mlflow_run):
+    _, run = mlflow_run
+    retrain = _flow_run(stack, stack["flow_run_id"])
+    assert retrain["state"]["type"] == "COMPLETED", stack["procs"].logs()
+    assert retrain["work_pool_name"] == "cpu"
+    assert retrain["deployment_id"] == _deployment(stack, "lora-retrain/adhoc")["id"]
+    train = _flow_run(stack, run.data.tags["train.prefect_flow_run_id"])
+    assert train["state"]["type"] == "COMPLETED"
+    assert train["work_pool_name"] == "gpu"
+    assert train["deployment_id"] == _deployment(stack, "lora-train/gpu")["id"]
+    assert train["parameters"]["run_id"] == run.info.run_id
+    # run_deployment linked it to the retrain run as a subflow
+    parent_task = _get_json(f"{stack['api']}/task_runs/{train['parent_task_run_id']}")
+    assert parent_task["flow_run_id"] == stack["flow_run_id"]
+    assert "Completed" in stack["watch_output"]
+
+
+def test_the_mlflow_run_holds_artifacts_and_metrics_from_both_workers(stack, mlflow_run):
+    client, run = mlflow_run
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"data", "adapter", "train", "merged_model", "onnx", "config"} <= artifacts
+    stored = list(stack["artifact_store"].rglob(f"{run_id}/artifacts/adapter/*.safetensors"))
+    assert stored, "the adapter is not in the server's artifact store"
+    metrics = run.data.metrics
+    assert len(client.get_metric_history(run_id, "train.loss")) >= 2  # gpu worker
+    assert metrics["stage_seconds.train_lora"] > 0 and metrics["train.trainable_params"] > 0
+    assert metrics["stage_seconds.prepare_data"] > 0 and metrics["stage_seconds.merge"] > 0
+    assert 0 <= metrics["test.accuracy"] <= 1  # cpu worker
+    assert run.data.params["train.deployment"] == "lora-train/gpu"
+    # Each worker worked in its own folder: the gpu one downloaded the data, the cpu one the
+    # adapter; training ran only on the gpu worker, every other stage on the cpu one.
+    cpu, gpu = stack["outputs"]["cpu"] / run_id, stack["outputs"]["gpu"] / run_id
+    assert (gpu / "data" / "tokenized").is_dir() and (gpu / "adapter").is_dir()
+    assert (cpu / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        gpu / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+    logs = {pool: (stack["logs"] / f"worker-{pool}.log").read_text() for pool in ("cpu", "gpu")}
+    assert "Task run 'train-lora" in logs["gpu"] and "Task run 'train-lora" not in logs["cpu"]
+    assert "Task run 'evaluate" in logs["cpu"] and "Task run 'evaluate" not in logs["gpu"]
+
+
+def test_the_registry_alias_moved_to_the_new_version(stack, mlflow_run):
+    client, run = mlflow_run
+    production = client.get_model_version_by_alias(MODEL_NAME, "production")
+    assert production.run_id == run.info.run_id and str(production.version) == "1"
+
+
+def test_the_deployments_exist_with_the_nightly_schedule_and_the_gpu_limit(stack):
+    nightly = _deployment(stack, "lora-retrain/nightly")
+    crons = [(s["schedule"].get("cron"), s["active"]) for s in nightly["schedules"]]
+    assert crons == [("0 2 * * *", True)]
+    assert nightly["work_pool_name"] == "cpu"
+    # and the server's scheduler turns it into upcoming runs (it breaks on SQLAlchemy 2.1)
+    upcoming = _get_json(
+        f"{stack['api']}/flow_runs/filter",
+        {"deployments": {"id": {"any_": [nightly["id"]]}}, "limit": 10},
+    )
+    assert upcoming, (
+        f"the scheduler created no runs for lora-retrain/nightly (SQLAlchemy "
+        f"{importlib.metadata.version('sqlalchemy')}: Prefect 3.8 needs < 2.1, see pyproject)"
+    )
+    assert all(r["state"]["type"] == "SCHEDULED" for r in upcoming)
+    assert {r["expected_start_time"][11:16] for r in upcoming} == {"02:00"}
+    gpu = _deployment(stack, "lora-train/gpu")
+    assert gpu["work_pool_name"] == "gpu"
+    assert gpu["global_concurrency_limit"]["limit"] == 1
+    assert gpu["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert _deployment(stack, "lora-promote/manual")["work_pool_name"] == "cpu"
