@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=1 (repeatable)",
     )
+    run.add_argument(
+        "--force", action="store_true", help="retrain even if this data and config already ran"
+    )
     for action, text in (
         ("promote", "move production to a registered version"),
         ("rollback", "move production back to the previous version"),
@@ -82,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             from flows.retrain import retrain_flow
 
             _install_log_filter()
-            result = retrain_flow(config_path=args.config, overrides=args.overrides)
+            result = retrain_flow(
+                config_path=args.config, overrides=args.overrides, force=args.force
+            )
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,12 +11,18 @@ from flows.train import train_on_deployment
 from tasks.config import PipelineConfig, load_config
 from tasks.evaluate import evaluate_task
 from tasks.export_onnx import export_onnx_task
+from tasks.fingerprint import KEY_TAG, pipeline_key, previous_run
 from tasks.merge import merge_task
 from tasks.prepare_data import PreparedData, prepare_data_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
 from tasks.serve_check import serve_check_task
-from tasks.tracking import end_pipeline_run, log_metrics, start_pipeline_run
+from tasks.tracking import (
+    end_pipeline_run,
+    log_metrics,
+    reopen_pipeline_run,
+    start_pipeline_run,
+)
 from tasks.train_lora import TrainedAdapter, train_lora_task
 
 
@@ -40,10 +46,19 @@ def train(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAda
     return train_lora_task(config, data, run_id)
 
 
-def run_pipeline(config: PipelineConfig) -> RetrainResult:
-    """Run every stage inside one MLflow run; the run ends FAILED if any stage raises."""
+def run_pipeline(
+    config: PipelineConfig, resume_run_id: str | None = None, key: str | None = None
+) -> RetrainResult:
+    """Run every stage inside one MLflow run; the run ends FAILED if any stage raises.
+
+    With resume_run_id the stages continue that (unfinished) run: training resumes from its
+    last checkpoint and an already registered version is not registered again.
+    """
     start = time.perf_counter()
-    run_id = start_pipeline_run(config)
+    if resume_run_id:
+        run_id = reopen_pipeline_run(resume_run_id, config)
+    else:
+        run_id = start_pipeline_run(config, extra_tags={KEY_TAG: key} if key else None)
     try:
         data = prepare_data_task(config, run_id)
         trained = train(config, data, run_id)
@@ -72,11 +87,32 @@ def run_pipeline(config: PipelineConfig) -> RetrainResult:
 
 @flow(name="lora-retrain", log_prints=True)
 def retrain_flow(
-    config_path: str = "configs/default.yaml", overrides: list[str] | None = None
+    config_path: str = "configs/default.yaml",
+    overrides: list[str] | None = None,
+    force: bool = False,
 ) -> dict:
-    """Retrain a LoRA adapter from a config file (plus KEY=VALUE overrides) and maybe promote it."""
+    """Retrain a LoRA adapter from a config file (plus KEY=VALUE overrides) and maybe promote it.
+
+    Same data and config as a finished run: ends early ("nothing new to train") unless force.
+    Same as an unfinished (killed or failed) run: continues that run.
+    """
     config = load_config(config_path, overrides)
-    result = run_pipeline(config)
+    key = pipeline_key(config)
+    previous = previous_run(config, key)
+    if previous is not None and previous.finished and not force:
+        reason = (
+            f"nothing new to train: run {previous.run_id} already trained this data and "
+            f"config and registered v{previous.version} (force=True retrains)"
+        )
+        get_run_logger().info(reason)
+        return {
+            "status": "skipped",
+            "run_id": previous.run_id,
+            "version": previous.version,
+            "reason": reason,
+        }
+    resume = previous.run_id if previous is not None and not previous.finished else None
+    result = run_pipeline(config, resume_run_id=resume, key=key)
     get_run_logger().info(
         "run %s: %s v%s, test accuracy %.3f, served accuracy %.3f, production %s (%s)",
         result.run_id,
@@ -87,4 +123,4 @@ def retrain_flow(
         "moved" if result.promoted else "kept",
         result.reason,
     )
-    return asdict(result)
+    return {"status": "completed", **asdict(result)}

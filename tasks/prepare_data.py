@@ -201,7 +201,8 @@ def check_labels(splits: dict[str, pd.DataFrame]) -> list[str]:
     return sorted(train_labels)
 
 
-def _sha256(paths: list[Path]) -> str:
+def content_sha256(paths: list[Path]) -> str:
+    """sha256 over the data files' names and bytes (the data's identity)."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(path.name.encode())
@@ -230,7 +231,7 @@ def build_splits(data: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, i
             raise DataError(
                 f"data: the {name} split is empty after cleaning; add rows or change data.split"
             )
-    return splits, dropped, _sha256(list(files.values()))
+    return splits, dropped, content_sha256(list(files.values()))
 
 
 def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], config: PipelineConfig):

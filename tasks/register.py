@@ -41,6 +41,7 @@ from tasks.tracking import (
     log_gate,
     log_json,
     log_metrics,
+    set_tags,
     stage_timer,
     tracking_uri,
 )
@@ -198,6 +199,11 @@ def register(
                 },
             )
         ensure_registered_model(client, name)
+        for earlier in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            if "decision" not in earlier.tags:  # half-written by an interrupted attempt
+                client.delete_model_version(name, earlier.version)
+                continue
+            return _already_registered(earlier, all_gates_of(gates, champion), comparison)
         version = str(mlflow.register_model(model_uri, name, await_registration_for=300).version)
         try:
             checked = list(gates)
@@ -221,12 +227,15 @@ def register(
                 "serve.provider": serve.provider,
                 "onnx.variant": quantized.variant,
                 "data.content_sha256": data.content_sha256,
-                "decision": reason[:5000],
             }
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, key, value)
             client.set_registered_model_alias(name, CHALLENGER, version)
             previous = move_production(client, name, version, reason) if promote else None
+            # written last: a version without "decision" is half-written (see the resume check)
+            client.set_model_version_tag(name, version, "promoted", str(promote).lower())
+            client.set_model_version_tag(name, version, "decision", reason[:5000])
+            set_tags(run_id, {"registry.version": version, "registry.promoted": str(promote)})
         except BaseException:
             client.delete_model_version(name, version)  # leave nothing half-written behind
             raise
@@ -242,6 +251,25 @@ def register(
         )
         _report(run_id, result, serve, evaluation, quantized)
     return result
+
+
+def all_gates_of(gates: list[Gate], champion: Gate | None) -> list[Gate]:
+    return [*gates, *([champion] if champion else [])]
+
+
+def _already_registered(version, gates: list[Gate], comparison) -> Registration:
+    """A resumed run whose version was already registered and decided: no duplicate."""
+    reason = version.tags["decision"]
+    return Registration(
+        model_name=version.name,
+        version=str(version.version),
+        model_uri=f"models:/{version.name}/{version.version}",
+        promoted=not reason.startswith(("gates failed", "candidate trails", "registry.promote")),
+        reason=reason,
+        previous_production=version.tags.get("previous_production"),
+        gates=gates,
+        comparison=comparison,
+    )
 
 
 def _report(

@@ -132,10 +132,13 @@ def redact(value: object) -> str:
     return _USERINFO.sub(r"\g<scheme>***@", str(value))
 
 
-def start_pipeline_run(config: PipelineConfig, run_name: str | None = None) -> str:
+def start_pipeline_run(
+    config: PipelineConfig, run_name: str | None = None, extra_tags: dict[str, str] | None = None
+) -> str:
     """Create the pipeline's MLflow run with params, tags and the resolved config."""
     client, experiment_id = connect(config.tracking)
     tags = {
+        **(extra_tags or {}),
         "prefect.flow_run_id": _prefect_flow_run_id(),
         "git.commit": _git_commit(),
         "pipeline.base_model": redact(config.model.name_or_path),
@@ -152,6 +155,14 @@ def start_pipeline_run(config: PipelineConfig, run_name: str | None = None) -> s
         redact(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)),
         "config/resolved.yaml",
     )
+    return run_id
+
+
+def reopen_pipeline_run(run_id: str, config: PipelineConfig) -> str:
+    """Continue an unfinished pipeline run (same params, metrics and artifacts)."""
+    client, _ = connect(config.tracking)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "prefect.flow_run_id", _prefect_flow_run_id())
     return run_id
 
 

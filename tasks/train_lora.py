@@ -17,7 +17,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from lora_core import save_adapter
 from tasks.config import PipelineConfig, TrainConfig
@@ -115,6 +114,19 @@ def checkpoint_dir(config: PipelineConfig, run_id: str) -> Path:
     return Path(root) / run_id
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N that was fully written (the Trainer writes trainer_state.json
+    last), so a process killed while saving resumes from the one before."""
+    if not folder.is_dir():
+        return None
+    steps = [
+        (int(p.name.split("-")[1]), p)
+        for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(steps)[1]) if steps else None
+
+
 def training_arguments(config: PipelineConfig, out_dir: Path, device: str, precision: str):
     train = config.train
     every = train.checkpoint_steps
@@ -168,7 +180,7 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
             compute_metrics=_compute_metrics(data.label_names),
             callbacks=[MlflowStepLogger(run_id)],
         )
-        resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        resume = last_complete_checkpoint(checkpoints)
         if resume:
             set_tags(run_id, {"train.resumed_from": Path(resume).name})
         result = trainer.train(resume_from_checkpoint=resume)

@@ -130,8 +130,17 @@ def pytest_sessionfinish(session, exitstatus):
         server.stop()
 
 
+@pytest.fixture
+def run(tiny_run):
+    """The session's tiny pipeline run, with MLflow pointed back at its store."""
+    from tasks.tracking import connect
+
+    connect(tiny_run.config.tracking)
+    return tiny_run
+
+
 @pytest.fixture(scope="session")
-def run(tmp_path_factory, make_tiny_config):
+def tiny_run(tmp_path_factory, make_tiny_config):
     """Every stage once, in pipeline order, on the tiny BERT; tests read (not change) it."""
     from types import SimpleNamespace
 

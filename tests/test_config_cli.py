@@ -124,7 +124,7 @@ def test_cli_run_reports_a_missing_data_file_and_registers_nothing(tmp_path):
     assert "Traceback" not in result.stderr
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{db}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     assert client.search_registered_models() == []
-    runs = client.search_runs([client.get_experiment_by_name("lora-retrain").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+    experiment = client.get_experiment_by_name("lora-retrain")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []

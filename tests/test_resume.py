@@ -50,3 +50,16 @@ def test_resume_after_a_crash_gives_the_same_losses(make_tiny_config, tmp_path, 
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
+
+
+def test_a_half_written_checkpoint_is_skipped(tmp_path):
+    from tasks.train_lora import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")

@@ -29,6 +29,15 @@ def renamed(run, name: str, **serve):
     return config.model_copy(update=update)
 
 
+def submit(run, config, evaluation, served, gates):
+    """Register the tiny run's model as a new candidate (its own MLflow run, as in production)."""
+    from tasks.tracking import start_pipeline_run
+
+    return register(
+        config, run.data, evaluation, run.quantized, served, gates, start_pipeline_run(config)
+    )
+
+
 def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
     s = run.served
     assert s.provider == "CPUExecutionProvider"
@@ -62,6 +71,15 @@ def test_asking_for_cuda_without_it_is_an_error(run):
         open_session(run.quantized.model.fetch() / SERVED_FILE, device="cuda")
 
 
+def test_registering_the_same_run_again_adds_no_version(run):
+    again = register(
+        run.config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id
+    )
+    assert again.version == "1" and again.promoted
+    versions = MlflowClient().search_model_versions("name='tiny-classifier'")
+    assert [str(v.version) for v in versions] == ["1"]
+
+
 def test_register_sets_aliases_and_gate_tags(run):
     r = run.registration
     assert r.version == "1" and r.promoted
@@ -88,12 +106,11 @@ def test_registered_model_answers_with_labels_and_probabilities(run):
 
 def test_served_model_check_passes_through_mlflow_models_serve(run):
     config = renamed(run, "served-ok", served_model_check=True)
-    result = register(
-        config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id
-    )
+    result = submit(run, config, run.evaluation, run.served, run.gates)
     gate = next(g for g in result.gates if g.name == "served_model_prediction_mismatches")
     assert gate.passed and gate.value == 0 and result.promoted
-    metrics = MlflowClient().get_run(run.run_id).data.metrics
+    run_id = MlflowClient().get_model_version("served-ok", result.version).run_id
+    metrics = MlflowClient().get_run(run_id).data.metrics
     assert (
         metrics["served_model.request_p50_ms"] > 0 and metrics["served_model.golden_requests"] == 16
     )
@@ -101,14 +118,8 @@ def test_served_model_check_passes_through_mlflow_models_serve(run):
 
 def test_served_model_that_answers_differently_is_rejected(run, monkeypatch):
     config = renamed(run, "served-bad", served_model_check=True)
-    register(
-        renamed(run, "served-bad"),
-        run.data,
-        run.evaluation,
-        run.quantized,
-        run.served,
-        run.gates,
-        run.run_id,
+    submit(
+        run, renamed(run, "served-bad"), run.evaluation, run.served, run.gates
     )  # v1 in production
     real_invoke = register_module.invoke
 
@@ -120,7 +131,7 @@ def test_served_model_that_answers_differently_is_rejected(run, monkeypatch):
     with pytest.raises(
         GateFailed, match=r"^gate served_model_prediction_mismatches FAILED: measured 16"
     ):
-        register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+        submit(run, config, run.evaluation, run.served, run.gates)
     versions = MlflowClient().search_model_versions("name='served-bad'")
     assert [str(v.version) for v in versions] == ["1"]  # the rejected version was deleted
     assert aliases("served-bad") == {"challenger": "1", "production": "1"}
@@ -128,14 +139,12 @@ def test_served_model_that_answers_differently_is_rejected(run, monkeypatch):
 
 def test_production_does_not_move_when_a_gate_failed(run):
     config = renamed(run, "gate-failed")
-    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    submit(run, config, run.evaluation, run.served, run.gates)
     failed = [
         *run.gates[:-1],
         type(run.gates[-1])("quantized_accuracy_drop", 0.3, 0.02, "<=", False),
     ]
-    result = register(
-        config, run.data, run.evaluation, run.quantized, run.served, failed, run.run_id
-    )
+    result = submit(run, config, run.evaluation, run.served, failed)
     assert not result.promoted and result.reason == "gates failed: quantized_accuracy_drop"
     assert aliases("gate-failed") == {"challenger": "2", "production": "1"}
     tags = MlflowClient().get_model_version("gate-failed", "2").tags
@@ -154,11 +163,11 @@ def _evaluation_with_production(run, production_predictions):
 
 def test_champion_gate_uses_the_bootstrap_interval(run):
     config = renamed(run, "champion")
-    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    submit(run, config, run.evaluation, run.served, run.gates)
     perfect = _evaluation_with_production(
         run, list(run.evaluation.labels)
     )  # production is flawless
-    worse = register(config, run.data, perfect, run.quantized, run.served, run.gates, run.run_id)
+    worse = submit(run, config, perfect, run.served, run.gates)
     assert not worse.promoted
     assert worse.reason.startswith(
         "candidate trails production: gate champion_macro_f1_delta_ci_low FAILED"
@@ -167,7 +176,7 @@ def test_champion_gate_uses_the_bootstrap_interval(run):
     assert aliases("champion") == {"challenger": "2", "production": "1"}
 
     same = _evaluation_with_production(run, list(run.served.predictions))  # identical answers
-    equal = register(config, run.data, same, run.quantized, run.served, run.gates, run.run_id)
+    equal = submit(run, config, same, run.served, run.gates)
     assert equal.promoted and equal.previous_production == "1"
     assert equal.comparison.low == equal.comparison.high == 0
     assert aliases("champion") == {"challenger": "3", "production": "3"}
@@ -186,13 +195,13 @@ def test_paired_bootstrap_interval_brackets_the_difference():
 
 def test_promote_refuses_failed_gates_and_rollback_moves_back(run):
     config = renamed(run, "rollback")
-    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    submit(run, config, run.evaluation, run.served, run.gates)
     failed = [
         *run.gates[:-1],
         type(run.gates[-1])("quantized_accuracy_drop", 0.3, 0.02, "<=", False),
     ]
-    register(config, run.data, run.evaluation, run.quantized, run.served, failed, run.run_id)
-    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    submit(run, config, run.evaluation, run.served, failed)
+    submit(run, config, run.evaluation, run.served, run.gates)
     client = MlflowClient()
     assert aliases("rollback")["production"] == "3" and production_history(client, "rollback") == [
         "1",
@@ -222,8 +231,8 @@ def test_cli_promote_and_rollback_run_the_promote_flow(run, tmp_path):
     import yaml
 
     config = renamed(run, "cli-moves")
-    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
-    register(config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id)
+    submit(run, config, run.evaluation, run.served, run.gates)
+    submit(run, config, run.evaluation, run.served, run.gates)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     root = Path(__file__).resolve().parents[1]
