@@ -1,0 +1,139 @@
+"""The MLflow tracking server goes away for ~10 s mid-run: the run still completes, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+OUTAGE_SECONDS = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(store: Path, port: int, env: dict) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not come up in 120 s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_run_survives_a_tracking_server_outage(make_tiny_config, tmp_path):
+    store, port = tmp_path / "store", _free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    config = make_tiny_config(
+        tmp_path,
+        [
+            f"tracking.uri={uri}",
+            "tracking.artifact_location=null",
+            "train.max_steps=40",
+            "train.logging_steps=1",
+        ],
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    server = _mlflow_server(store, port, env)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(Path(config.output_dir).glob("checkpoints/*")):  # training has started
+            assert run.poll() is None, run.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "training did not start in 300 s"
+            time.sleep(0.1)
+        _stop(server)
+        time.sleep(OUTAGE_SECONDS)
+        server = _mlflow_server(store, port, env)
+        out, err = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        _stop(server)
+        server = _mlflow_server(store, port, env)  # read the results through the server
+    try:
+        assert run.returncode == 0, err[-3000:]
+        result = json.loads(out[out.index("{") :])
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        finished = client.get_run(result["run_id"])
+        assert finished.info.status == "FINISHED"
+        steps = {m.step for m in client.get_metric_history(result["run_id"], "train.loss")}
+        assert steps == set(range(1, 41))  # no logged step lost in the outage
+        artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+        assert {
+            "data",
+            "adapter",
+            "merged_model",
+            "onnx",
+            "quantized",
+            "model",
+            "promotion",
+        } <= artifacts or {
+            "data",
+            "adapter",
+            "merged_model",
+            "onnx",
+            "quantized",
+            "promotion",
+        } <= artifacts
+        versions = client.search_model_versions("name='tiny-classifier'")
+        assert [str(v.version) for v in versions] == [result["version"]] == ["1"]
+    finally:
+        _stop(server)
