@@ -1,2 +1,3 @@
 -- The mlflow database is created by POSTGRES_DB; Prefect gets its own.
 CREATE DATABASE prefect;
+CREATE DATABASE mlflow_auth;  -- MLflow's basic-auth users and permissions

@@ -159,3 +159,18 @@ def test_worker_images_run_as_non_root_and_the_gpu_one_has_cuda():
         assert users and users[-1] not in ("root", "0"), name
     gpu = (ROOT / "docker" / "worker-gpu.Dockerfile").read_text()
     assert "nvidia/cuda:" in gpu and "onnxruntime-gpu" in gpu and "whl/cu" in gpu
+
+
+def test_docker_compose_servers_require_authentication():
+    services = _compose_services()
+    mlflow = services["mlflow"]
+    assert "mlflow server --app-name basic-auth" in mlflow["command"]
+    for key in ("MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert mlflow["environment"][key].startswith("${"), key  # from the environment only
+        assert ":?" in mlflow["environment"][key], key  # no default: refuses to start without it
+    prefect = services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert prefect.startswith("${PREFECT_AUTH_STRING:?")
+    for worker in ("worker-cpu", "worker-gpu"):
+        env = services[worker]["environment"]
+        assert env["PREFECT_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING}"
+        assert env["MLFLOW_TRACKING_PASSWORD"] == "${MLFLOW_ADMIN_PASSWORD}"
