@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
-## Run the whole pipeline on the embedded default (no servers, no GPU).
+## Run the whole pipeline on the embedded default (no servers, no GPU). ARGS=--force retrains.
 demo: $(STAMP)
-	$(PY) -m flows.cli run --config $(CONFIG)
+	$(PY) -m flows.cli run --config $(CONFIG) $(ARGS)
 
 ## The full test suite (CI runs exactly this).
 test: $(STAMP)
