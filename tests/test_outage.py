@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tasks.served_model import free_port
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 OUTAGE_SECONDS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mlflow_server(store: Path, port: int, env: dict) -> subprocess.Popen:
@@ -68,7 +63,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def test_run_survives_a_tracking_server_outage(make_tiny_config, tmp_path):
-    store, port = tmp_path / "store", _free_port()
+    store, port = tmp_path / "store", free_port()
     store.mkdir()
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

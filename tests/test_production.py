@@ -22,7 +22,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from tasks.served_model import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -55,12 +56,6 @@ def _pg_binary(name: str) -> str | None:
     candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
     candidates.sort(key=lambda p: int(re.search(r"/(\d+)/bin/", p).group(1)))
     return candidates[-1] if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(what: str, check: Callable[[], bool], timeout: float, alive=None) -> None:
@@ -165,7 +160,7 @@ def _start_postgres(procs: Processes, work: Path) -> int:
          "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
         check=True, capture_output=True, timeout=120, cwd=pg_dir, **as_user,
     )  # fmt: skip
-    port = _free_port()
+    port = free_port()
     server = procs.start(
         "postgres",
         [postgres, "-D", str(pg_dir / "data"), "-p", str(port), "-k", str(pg_dir),
@@ -224,7 +219,7 @@ def stack(tmp_path_factory, make_tiny_config):
         pg_port = _start_postgres(procs, work)
         db = f"{DB_USER}:{DB_PASSWORD}@127.0.0.1:{pg_port}"
 
-        mlflow_port = _free_port()
+        mlflow_port = free_port()
         mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
         mlflow_server = procs.start(
             "mlflow-server",
@@ -235,7 +230,7 @@ def stack(tmp_path_factory, make_tiny_config):
             env=_clean_env(),
             cwd=work,
         )  # fmt: skip
-        prefect_port = _free_port()
+        prefect_port = free_port()
         api_url = f"http://127.0.0.1:{prefect_port}/api"
         prefect_env = {
             "PREFECT_HOME": str(work / "prefect-home"),
