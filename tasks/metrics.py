@@ -56,6 +56,25 @@ def confusion_matrix_figure(
     return fig
 
 
+def timing_figure(timings: dict[str, float], sizes: list[int], variant: str):
+    """Two panels: batch-1 latency percentiles and throughput per batch size, both engines."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.38
+    labels = {"onnx": f"onnxruntime ({variant})", "torch": "PyTorch fp32 eager"}
+    for i, engine in enumerate(("onnx", "torch")):
+        pct = [timings[f"serve.{engine}.batch1_{p}_ms"] for p in ("p50", "p95", "p99")]
+        left.bar(np.arange(3) + i * width, pct, width, label=labels[engine])
+        tput = [timings[f"serve.{engine}.batch{s}_per_second"] for s in sizes]
+        right.bar(np.arange(len(sizes)) + i * width, tput, width, label=labels[engine])
+    left.set_xticks(np.arange(3) + width / 2, ["p50", "p95", "p99"])
+    left.set_ylabel("batch-1 latency (ms, model only)")
+    right.set_xticks(np.arange(len(sizes)) + width / 2, [f"batch {s}" for s in sizes])
+    right.set_ylabel("examples / second (model only)")
+    left.legend()
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

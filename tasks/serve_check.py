@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
@@ -19,15 +18,13 @@ from tasks.config import PipelineConfig
 from tasks.evaluate import load_test_split
 from tasks.latency import latency_ms, throughput
 from tasks.merge import MergedModel
-from tasks.metrics import classification_metrics, save_figure
+from tasks.metrics import classification_metrics, save_figure, timing_figure
 from tasks.modeling import load_classifier, load_tokenizer
 from tasks.onnx_runtime import open_session, session_logits
 from tasks.prepare_data import PreparedData
 from tasks.quantize import SERVED_FILE, QuantizedModel
 from tasks.stage import stage_task
 from tasks.tracking import connect, log_metrics, set_tags, stage_timer
-
-ENGINES = ("onnx", "torch")
 
 
 @dataclass(frozen=True)
@@ -105,25 +102,6 @@ def time_engines(
             / timings[f"serve.torch.batch{size}_per_second"]
         )
     return timings
-
-
-def timing_figure(timings: dict[str, float], sizes: list[int], variant: str):
-    """Two panels: batch-1 latency percentiles and throughput per batch size, both engines."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.38
-    labels = {"onnx": f"onnxruntime ({variant})", "torch": "PyTorch fp32 eager"}
-    for i, engine in enumerate(ENGINES):
-        pct = [timings[f"serve.{engine}.batch1_{p}_ms"] for p in ("p50", "p95", "p99")]
-        left.bar(np.arange(3) + i * width, pct, width, label=labels[engine])
-        tput = [timings[f"serve.{engine}.batch{s}_per_second"] for s in sizes]
-        right.bar(np.arange(len(sizes)) + i * width, tput, width, label=labels[engine])
-    left.set_xticks(np.arange(3) + width / 2, ["p50", "p95", "p99"])
-    left.set_ylabel("batch-1 latency (ms, model only)")
-    right.set_xticks(np.arange(len(sizes)) + width / 2, [f"batch {s}" for s in sizes])
-    right.set_ylabel("examples / second (model only)")
-    left.legend()
-    fig.tight_layout()
-    return fig
 
 
 def serve_check(
