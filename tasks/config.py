@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ConfigError
 
@@ -26,7 +26,11 @@ class SplitConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where the labelled texts are and how to read them."""
+    """Where the examples are and how to read them.
+
+    sequence_classification reads text_column and label_column. causal_lm reads either
+    prompt_column + response_column, or messages_column (chat records: lists of role/content).
+    """
 
     path: str = Field(
         description="A CSV/JSONL/Parquet file, or a folder with train/validation/test files."
@@ -36,9 +40,25 @@ class DataConfig(_Section):
     )
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the class label.")
+    prompt_column: str = Field("prompt", description="causal_lm: column holding the prompt.")
+    response_column: str = Field(
+        "response", description="causal_lm: column holding the reference response."
+    )
+    messages_column: str = Field(
+        "messages",
+        description="causal_lm: column of chat records (role/content lists, last turn from the "
+        "assistant); used when the prompt/response columns are absent.",
+    )
+    packing: bool = Field(
+        False,
+        description="causal_lm: pack training examples into rows of max_length tokens "
+        "(position ids restart per example, so attention stays within each example).",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
     seed: int = Field(42, description="Seed of the stratified split.")
-    max_length: int = Field(128, gt=0, le=8192, description="Tokens kept per text (truncation).")
+    max_length: int = Field(
+        128, gt=0, le=32768, description="Tokens kept per example (truncation is counted)."
+    )
 
 
 class ModelConfig(_Section):
@@ -92,6 +112,9 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
     )
     deployment: str | None = Field(None, description="Prefect deployment to train on; None: here.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about 30% slower."
+    )
     checkpoint_steps: int = Field(
         50, ge=0, description="Save a resumable checkpoint every N steps (0: never)."
     )
@@ -106,6 +129,12 @@ class EvalConfig(_Section):
     """Test-split evaluation."""
 
     batch_size: int = Field(64, gt=0)
+    max_new_tokens: int = Field(
+        64, gt=0, description="causal_lm: greedy tokens generated per test prompt."
+    )
+    generation_prompts: int = Field(
+        64, gt=0, description="causal_lm: test prompts answered by each model (all if fewer)."
+    )
 
 
 class MergeConfig(_Section):
@@ -123,6 +152,10 @@ class ExportConfig(_Section):
     parity_max_abs_diff: float = Field(
         1e-4, gt=0, description="Gate: ONNX fp32 vs PyTorch logits, max abs difference."
     )
+    parity_new_tokens: int = Field(
+        32, gt=0, description="causal_lm gate: greedy tokens that must match PyTorch exactly."
+    )
+    parity_prompts: int = Field(8, gt=0, description="causal_lm: probe prompts for the gates.")
 
 
 QuantVariant = Literal[
@@ -153,6 +186,17 @@ class QuantizeConfig(_Section):
     max_accuracy_drop: float = Field(
         0.005, ge=0, le=1, description="Gate: fp32 accuracy minus int8 accuracy on the test split."
     )
+    min_token_agreement: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="causal_lm gate: share of greedy tokens equal to fp32's on the probe prompts.",
+    )
+    max_perplexity_increase: float = Field(
+        0.05,
+        ge=0,
+        description="causal_lm gate: test perplexity over fp32's, minus 1 (0.05: at most 5% up).",
+    )
     fallback_to_fp32: bool = Field(
         True, description="Serve fp32 when no variant passes and beats it (else the run fails)."
     )
@@ -180,6 +224,9 @@ class ServeConfig(_Section):
     golden_requests: int = Field(
         64, gt=0, description="Test texts sent to the served model (all of them if fewer)."
     )
+    decode_tokens: int = Field(
+        32, gt=0, description="causal_lm: tokens generated per timed request (tokens/second)."
+    )
     served_start_timeout_s: float = Field(180, gt=0, description="Wait for the server this long.")
 
 
@@ -188,7 +235,11 @@ class RegistryConfig(_Section):
 
     model_name: str = Field("lora-text-classifier", min_length=1)
     promote: bool = Field(True, description="Move 'production' when every gate passes.")
-    metric: Literal["accuracy", "macro_f1"] = Field("macro_f1", description="Champion comparison.")
+    metric: Literal["accuracy", "macro_f1", "rouge_l", "exact_match"] = Field(
+        "macro_f1",
+        description="Champion comparison: accuracy/macro_f1 (classification), rouge_l/"
+        "exact_match (causal_lm; default rouge_l).",
+    )
     tolerance: float = Field(
         0.03,
         ge=0,
@@ -210,9 +261,28 @@ class TrackingConfig(_Section):
     )
 
 
+Task = Literal["sequence_classification", "causal_lm"]
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+GENERATION_METRICS = ("rouge_l", "exact_match")
+# causal_lm defaults where the section's key was not given: LoRA on the attention and MLP
+# projections of any decoder family (all-linear leaves lm_head alone), no new head to save
+CAUSAL_DEFAULTS = {
+    ("lora", "target_modules"): "all-linear",
+    ("lora", "modules_to_save"): [],
+    ("registry", "metric"): "rouge_l",
+    ("registry", "model_name"): "lora-causal-lm",
+    ("quantize", "variants"): ["dynamic_per_channel", "dynamic_per_tensor"],
+}
+
+
 class PipelineConfig(_Section):
     """The whole retraining pipeline."""
 
+    task: Task = Field(
+        "sequence_classification",
+        description="sequence_classification (text -> label) or causal_lm (prompt -> response, "
+        "instruction tuning of decoder models).",
+    )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -225,6 +295,29 @@ class PipelineConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str = Field("outputs", description="Local working folder for stage outputs.")
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> PipelineConfig:
+        """Fill causal_lm defaults for keys not given; reject settings that don't fit the task."""
+        if self.task == "causal_lm":
+            for (section, key), value in CAUSAL_DEFAULTS.items():
+                node = getattr(self, section)
+                if key not in node.model_fields_set:
+                    setattr(node, key, value)
+                    node.model_fields_set.discard(key)  # still a default: re-validation fills it
+            static = [v for v in self.quantize.variants if v.startswith("static")]
+            if static:
+                raise ValueError(
+                    f"quantize.variants {static} need a calibrated KV-cache graph, which "
+                    f"causal_lm does not support: use dynamic_per_channel / dynamic_per_tensor"
+                )
+        wanted = GENERATION_METRICS if self.task == "causal_lm" else CLASSIFICATION_METRICS
+        if self.registry.metric not in wanted:
+            raise ValueError(
+                f"registry.metric {self.registry.metric!r} does not fit task {self.task!r}: "
+                f"use one of {', '.join(wanted)}"
+            )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of every setting, for MLflow params."""
@@ -276,6 +369,8 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key (check its spelling; see configs/default.yaml)")
+        elif err["type"] == "value_error" and not err["loc"]:  # a cross-section check
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         elif err["type"] == "missing":
             lines.append(f"  {path}: required key is missing")
         else:

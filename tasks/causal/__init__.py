@@ -1,0 +1,1 @@
+"""The causal-LM task (instruction tuning of decoder models): its side of every stage."""

@@ -1,0 +1,92 @@
+"""Tiny random decoders (Llama, GPT-2) with byte-level BPE tokenizers trained here, offline.
+
+The Llama one carries a ChatML-style chat template (special tokens <|im_start|>/<|im_end|>);
+the GPT-2 one has none, so the pipeline's documented default template applies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(texts: list[str], chat: bool, vocab_size: int = 600):
+    """A byte-level BPE trained on `texts`; with chat=True it has ChatML tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat else [])
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="<|im_end|>" if chat else "</s>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[3:],
+    )
+    if chat:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_decoder(out_dir: Path, texts: list[str], family: str = "llama") -> Path:
+    """Save a 2-layer random `family` ('llama' or 'gpt2') decoder and its tokenizer."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig
+    from transformers import LlamaForCausalLM
+
+    chat = family == "llama"
+    tokenizer = build_tokenizer(texts, chat=chat)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            initializer_range=0.2,  # peaked logits: greedy paths without near-ties
+            **ids,
+        )
+        model = LlamaForCausalLM(config)
+    elif family == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            initializer_range=0.2,
+            **ids,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
