@@ -91,8 +91,8 @@ def find_split_files(data: DataConfig) -> dict[str, Path]:
     return found
 
 
-def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
-    """Read one file with `datasets`; checks emptiness and the configured columns."""
+def load_frame(path: Path, data: DataConfig) -> pd.DataFrame:
+    """Read one CSV/JSONL/Parquet file with `datasets`; errors name the file and the fix."""
     fmt = _format_of(path, data)
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty: it needs a header and at least one row")
@@ -105,14 +105,20 @@ def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
         ) from exc
     except Exception as exc:  # noqa: BLE001 - the readers raise many types; the file is the cause
         raise DataError(f"data file {path} could not be read as {fmt}: {exc}") from exc
+    if frame.empty:
+        raise DataError(f"data file {path} has a header but no rows")
+    return frame
+
+
+def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
+    """Read one file of labelled texts; checks the configured text and label columns."""
+    frame = load_frame(path, data)
     missing = [c for c in (data.text_column, data.label_column) if c not in frame.columns]
     if missing:
         raise DataError(
             f"data file {path} has no column {', '.join(map(repr, missing))}; columns found: "
             f"{', '.join(map(repr, frame.columns))}; set data.text_column / data.label_column"
         )
-    if frame.empty:
-        raise DataError(f"data file {path} has a header but no rows")
     return frame
 
 
@@ -260,6 +266,10 @@ def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], config: Pi
 
 def prepare_data(config: PipelineConfig, run_id: str) -> PreparedData:
     """Read the configured data, clean and split it, tokenize, save and log it."""
+    if config.task == "causal_lm":
+        from tasks.causal.data import prepare_causal_data  # imported here: it imports this module
+
+        return prepare_causal_data(config, run_id)
     connect(config.tracking)
     with stage_timer(run_id, "prepare_data"):
         splits, dropped, content_sha = build_splits(config.data)
