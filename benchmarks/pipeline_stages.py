@@ -85,8 +85,8 @@ def main() -> None:
     print(f"orchestration_overhead_seconds = {overhead:.2f}")
     print(f"orchestration_overhead_share = {overhead / flow_wall:.3f}  (goal < 0.10)")
     print(
-        f"test_accuracy = {result['test_accuracy']:.4f}  "
-        f"served_accuracy = {result['served_accuracy']:.4f}"
+        f"test_{result['metric']} = {result['test_score']:.4f}  "
+        f"served_{result['metric']} = {result['served_score']:.4f}"
     )
 
 

@@ -75,11 +75,11 @@ def main() -> None:
     served_mb = (quantized.model.fetch() / SERVED_FILE).stat().st_size / 2**20
     latency_ratio = t["serve.onnx.batch1_p50_ms"] / t["serve.torch.batch1_p50_ms"]
     throughput_ratio = t["serve.onnx.batch32_per_second"] / t["serve.torch.batch32_per_second"]
-    drop_points = 100 * (quantized.fp32_accuracy - quantized.served_accuracy)
+    drop_points = 100 * (quantized.fp32_score - quantized.served_score)
 
     print(f"\nserved variant: {quantized.variant} ({quantized.reason}); threads: {threads}")
     print(f"{'variant':<22}{'accuracy':>10}{'agreement':>11}{'p50 ms':>9}{'MB':>8}{'gates':>7}")
-    print(f"{'fp32 (onnx)':<22}{quantized.fp32_accuracy:>10.4f}{1.0:>11.4f}{'':>9}{fp32_mb:>8.1f}")
+    print(f"{'fp32 (onnx)':<22}{quantized.fp32_score:>10.4f}{1.0:>11.4f}{'':>9}{fp32_mb:>8.1f}")
     for c in quantized.candidates:
         print(
             f"{c.name:<22}{c.accuracy:>10.4f}{c.top1_agreement:>11.4f}{c.p50_ms:>9.2f}"

@@ -28,15 +28,20 @@ from tasks.train_lora import TrainedAdapter, train_lora_task
 
 @dataclass(frozen=True)
 class RetrainResult:
-    """What a pipeline run produced: its MLflow run, the registered version and the decision."""
+    """What a pipeline run produced: its MLflow run, the registered version and the decision.
+
+    `metric` is registry.metric: test_score is the candidate's (PyTorch, adapter) on the test
+    split, served_score the served ONNX model's.
+    """
 
     run_id: str
     model_name: str
     version: str
     promoted: bool
     reason: str
-    test_accuracy: float
-    served_accuracy: float
+    metric: str
+    test_score: float
+    served_score: float
 
 
 def train(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
@@ -80,8 +85,9 @@ def run_pipeline(
         version=registration.version,
         promoted=registration.promoted,
         reason=registration.reason,
-        test_accuracy=evaluation.metrics["accuracy"],
-        served_accuracy=served.metrics["accuracy"],
+        metric=config.registry.metric,
+        test_score=evaluation.metrics[config.registry.metric],
+        served_score=served.metrics[config.registry.metric],
     )
 
 
@@ -114,12 +120,14 @@ def retrain_flow(
     resume = previous.run_id if previous is not None and not previous.finished else None
     result = run_pipeline(config, resume_run_id=resume, key=key)
     get_run_logger().info(
-        "run %s: %s v%s, test accuracy %.3f, served accuracy %.3f, production %s (%s)",
+        "run %s: %s v%s, test %s %.3f, served %s %.3f, production %s (%s)",
         result.run_id,
         result.model_name,
         result.version,
-        result.test_accuracy,
-        result.served_accuracy,
+        result.metric,
+        result.test_score,
+        result.metric,
+        result.served_score,
         "moved" if result.promoted else "kept",
         result.reason,
     )

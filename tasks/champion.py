@@ -34,6 +34,21 @@ class Comparison:
     confidence: float
 
 
+def _bootstrap(metric: str, delta_on, n: int, samples: int, confidence: float, seed: int):
+    """delta_on(indices) for all n examples and for `samples` resamples with replacement."""
+    rng = np.random.default_rng(seed)
+    deltas = np.array([delta_on(rng.integers(0, n, n)) for _ in range(samples)])
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(deltas, [tail, 100 - tail])
+    return Comparison(
+        metric=metric,
+        delta=float(delta_on(np.arange(n))),
+        low=float(low),
+        high=float(high),
+        confidence=confidence,
+    )
+
+
 def paired_bootstrap(
     metric: str,
     y_true: Sequence[int],
@@ -44,18 +59,29 @@ def paired_bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Comparison:
-    """Resample test examples with replacement (same rows for both models) `samples` times."""
+    """Classification: resample test examples (same rows for both models) `samples` times."""
     y, c, p = (np.asarray(a, dtype=np.int64) for a in (y_true, candidate, production))
-    delta = metric_value(metric, y, c, num_classes) - metric_value(metric, y, p, num_classes)
-    rng = np.random.default_rng(seed)
-    deltas = np.empty(samples)
-    for i in range(samples):
-        idx = rng.integers(0, len(y), len(y))
-        deltas[i] = metric_value(metric, y[idx], c[idx], num_classes) - metric_value(
+
+    def delta_on(idx):
+        return metric_value(metric, y[idx], c[idx], num_classes) - metric_value(
             metric, y[idx], p[idx], num_classes
         )
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(deltas, [tail, 100 - tail])
-    return Comparison(
-        metric=metric, delta=delta, low=float(low), high=float(high), confidence=confidence
+
+    return _bootstrap(metric, delta_on, len(y), samples, confidence, seed)
+
+
+def paired_bootstrap_scores(
+    metric: str,
+    candidate: Sequence[float],
+    production: Sequence[float],
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Comparison:
+    """Per-example scores (e.g. ROUGE-L per prompt): the mean difference, resampled."""
+    c, p = np.asarray(candidate, dtype=np.float64), np.asarray(production, dtype=np.float64)
+    if c.shape != p.shape or not len(c):
+        raise ValueError(f"{len(c)} candidate scores vs {len(p)} production scores")
+    return _bootstrap(
+        metric, lambda idx: float(np.mean(c[idx] - p[idx])), len(c), samples, confidence, seed
     )

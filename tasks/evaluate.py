@@ -22,13 +22,18 @@ from tasks.train_lora import TrainedAdapter
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Test-split metrics of the candidate (adapter model) and of production, if any."""
+    """Test-split metrics of the candidate (adapter model) and of production, if any.
+
+    Classification keeps the labels and production's predictions; causal_lm keeps production's
+    per-prompt scores (registry.metric) for the paired champion comparison.
+    """
 
     metrics: dict[str, float]
     production_metrics: dict[str, float] | None
     production_version: str | None
     labels: list[int] = field(default_factory=list)
     production_predictions: list[int] | None = None
+    production_scores: list[float] | None = None
 
 
 def load_test_split(data: PreparedData):
@@ -51,6 +56,10 @@ def evaluate(
     config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
 ) -> Evaluation:
     """Accuracy, macro-F1, per-class scores and confusion matrices, logged to the run."""
+    if config.task == "causal_lm":
+        from tasks.causal.evaluate import evaluate_causal  # imported here: it imports this module
+
+        return evaluate_causal(config, data, trained, run_id)
     connect(config.tracking)
     with stage_timer(run_id, "evaluate"):
         test = load_test_split(data)

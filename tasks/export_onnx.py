@@ -34,6 +34,10 @@ def export_onnx(
     config: PipelineConfig, data: PreparedData, merged: MergedModel, run_id: str
 ) -> OnnxModel:
     """optimum export, then compare ONNX fp32 logits and argmax with PyTorch on the test split."""
+    if config.task == "causal_lm":
+        from tasks.causal.export import export_causal  # imported here: it imports this module
+
+        return export_causal(config, data, merged, run_id)
     connect(config.tracking)
     with stage_timer(run_id, "export_onnx"):
         merged_dir = merged.model.fetch()

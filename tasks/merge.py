@@ -37,6 +37,10 @@ def merge(
     config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
 ) -> MergedModel:
     """Merge safely, save, reload the saved folder and gate on logits parity with the adapter."""
+    if config.task == "causal_lm":
+        from tasks.causal.merge import merge_causal  # imported here: it imports this module
+
+        return merge_causal(config, data, trained, run_id)
     connect(config.tracking)
     with stage_timer(run_id, "merge"):
         texts = load_test_split(data)["text"]

@@ -67,13 +67,18 @@ class Candidate:
 
 @dataclass(frozen=True)
 class QuantizedModel:
-    """The folder that will be served (SERVED_FILE + tokenizer + config) and why it was chosen."""
+    """The folder that will be served (SERVED_FILE + tokenizer + config) and why it was chosen.
+
+    score_name is what fp32_score and served_score measure on the test split: accuracy
+    (sequence_classification) or perplexity (causal_lm).
+    """
 
     model: ArtifactRef
     variant: str
     instruction_set: str
-    fp32_accuracy: float
-    served_accuracy: float
+    score_name: str
+    fp32_score: float
+    served_score: float
     reason: str
     gates: list[Gate]
     candidates: list[Candidate]
@@ -246,6 +251,10 @@ def quantize(
     config: PipelineConfig, data: PreparedData, onnx: OnnxModel, run_id: str
 ) -> QuantizedModel:
     """Build the variants, score and time each against fp32, pick one, log everything."""
+    if config.task == "causal_lm":
+        from tasks.causal.quantize import quantize_causal  # imported here: it imports this module
+
+        return quantize_causal(config, data, onnx, run_id)
     connect(config.tracking)
     with stage_timer(run_id, "quantize"):
         fp32_dir = onnx.model.fetch()
@@ -287,8 +296,9 @@ def quantize(
         model=ref,
         variant=chosen.name,
         instruction_set=isa,
-        fp32_accuracy=fp32.accuracy,
-        served_accuracy=chosen.accuracy,
+        score_name="accuracy",
+        fp32_score=fp32.accuracy,
+        served_score=chosen.accuracy,
         reason=reason,
         gates=gates,
         candidates=candidates,

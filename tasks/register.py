@@ -9,7 +9,6 @@ and the candidate is not worse than production beyond the tolerance (paired boot
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,23 +17,24 @@ import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
-from tasks.champion import Comparison, paired_bootstrap
+from tasks.champion import Comparison, paired_bootstrap, paired_bootstrap_scores
 from tasks.config import PipelineConfig
 from tasks.errors import GateFailed
 from tasks.evaluate import Evaluation, load_test_split
 from tasks.gates import Gate, evaluate_gate
 from tasks.latency import latency_ms
 from tasks.prepare_data import PreparedData
-from tasks.quantize import SERVED_FILE, QuantizedModel
+from tasks.quantize import QuantizedModel
 from tasks.registry import CHALLENGER, ensure_registered_model, move_production
 from tasks.serve_check import ServeReport
-from tasks.served_model import invoke, mlflow_models_serve
+from tasks.served_model import invoke_records, mlflow_models_serve
+from tasks.serving_folder import SERVING_CODE, build_serving_folder
 from tasks.stage import stage_task
-from tasks.storage import stage_dir
 from tasks.tracking import (
     active_run,
     connect,
@@ -46,7 +46,6 @@ from tasks.tracking import (
     tracking_uri,
 )
 
-SERVING_CODE = Path(__file__).resolve().parent / "serving" / "onnx_text_classifier.py"
 SERVING_REQUIREMENTS = ["onnxruntime", "transformers", "tokenizers", "numpy", "pandas"]
 
 
@@ -64,47 +63,35 @@ class Registration:
     comparison: Comparison | None = None
 
 
-def build_serving_folder(
-    config: PipelineConfig, data: PreparedData, quantized: QuantizedModel, run_id: str
-) -> Path:
-    """The served ONNX model, its tokenizer and serving.json (labels, file, max length)."""
-    src = quantized.model.fetch()
-    out_dir = stage_dir(config, run_id, "serving_model")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    for item in src.iterdir():
-        if item.is_file() and (item.suffix != ".onnx" or item.name == SERVED_FILE):
-            shutil.copy2(item, out_dir / item.name)
-    spec = {
-        "label_names": data.label_names,
-        "model_file": SERVED_FILE,
-        "max_length": config.data.max_length,
-        # dynamic int8 scales depend on the batch: serve with the batching the gates measured
-        "batch_size": config.eval.batch_size,
-        "variant": quantized.variant,
-        "device": "cuda" if config.serve.device == "cuda" else "cpu",
-    }
-    (out_dir / "serving.json").write_text(json.dumps(spec, indent=2))
-    return out_dir
-
-
 def champion_comparison(
     config: PipelineConfig, data: PreparedData, candidate: ServeReport, evaluation: Evaluation
 ) -> tuple[Gate | None, Comparison | None]:
-    """Paired bootstrap of candidate minus production; gate on the CI's lower bound."""
-    if evaluation.production_predictions is None:
-        return None, None
+    """Paired bootstrap of candidate minus production; gate on the CI's lower bound.
+
+    The candidate is the served model (its answers from serve_check); causal_lm compares
+    per-prompt scores (registry.metric), classification recomputes the metric per resample.
+    """
     registry = config.registry
-    comparison = paired_bootstrap(
-        registry.metric,
-        evaluation.labels,
-        candidate.predictions,
-        evaluation.production_predictions,
-        len(data.label_names),
-        registry.bootstrap_samples,
-        registry.confidence,
-    )
+    if evaluation.production_scores is not None:
+        comparison = paired_bootstrap_scores(
+            registry.metric,
+            candidate.scores,
+            evaluation.production_scores,
+            registry.bootstrap_samples,
+            registry.confidence,
+        )
+    elif evaluation.production_predictions is not None:
+        comparison = paired_bootstrap(
+            registry.metric,
+            evaluation.labels,
+            candidate.predictions,
+            evaluation.production_predictions,
+            len(data.label_names),
+            registry.bootstrap_samples,
+            registry.confidence,
+        )
+    else:
+        return None, None
     gate = evaluate_gate(
         f"champion_{registry.metric}_delta_ci_low", comparison.low, 0.0 - registry.tolerance, ">="
     )
@@ -124,51 +111,90 @@ def decide(config: PipelineConfig, gates: list[Gate], champion: Gate | None) -> 
     return True, f"every gate passed; {champion.describe()}"
 
 
-def log_serving_model(serving_dir: Path, run_id: str) -> str:
-    """Log the pyfunc model (code + artifacts, no pickle) to the run; returns its URI."""
+def serving_interface(config: PipelineConfig) -> tuple[ModelSignature, pd.DataFrame, list[str]]:
+    """The pyfunc's signature, input example and pip requirements for the task."""
+    if config.task == "causal_lm":
+        messages = Array(Object([Property("role", "string"), Property("content", "string")]))
+        signature = ModelSignature(
+            inputs=Schema(
+                [
+                    ColSpec(messages, "messages", required=False),
+                    ColSpec("string", "prompt", required=False),
+                ]
+            ),
+            params=ParamSchema([ParamSpec("max_new_tokens", "long", config.eval.max_new_tokens)]),
+        )
+        example = pd.DataFrame({"prompt": ["My card was charged twice. Which team handles it?"]})
+        return signature, example, [*SERVING_REQUIREMENTS, "optimum", "optimum-onnx", "torch"]
     signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]))
+    return signature, pd.DataFrame({"text": ["my card was charged twice"]}), SERVING_REQUIREMENTS
+
+
+def log_serving_model(config: PipelineConfig, serving_dir: Path, run_id: str) -> str:
+    """Log the pyfunc model (code + artifacts, no pickle) to the run; returns its URI."""
+    signature, example, requirements = serving_interface(config)
     with active_run(run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(SERVING_CODE),
+            python_model=str(SERVING_CODE[config.task]),
             artifacts={"model_dir": str(serving_dir)},
             signature=signature,
-            input_example=pd.DataFrame({"text": ["my card was charged twice"]}),
-            pip_requirements=SERVING_REQUIREMENTS,
+            input_example=example,
+            pip_requirements=requirements,
         )
     return info.model_uri
+
+
+def golden_set(
+    config: PipelineConfig, data: PreparedData, serve: ServeReport
+) -> tuple[list[dict], list, str]:
+    """(request records, answers expected from in-process serving, answer field) for the check."""
+    n = config.serve.golden_requests
+    if config.task == "causal_lm":
+        from tasks.causal.evaluate import eval_prompts  # imported here: it imports this module
+
+        messages = list(eval_prompts(config, data)["messages"])[: min(n, len(serve.answers))]
+        records = [{"messages": json.loads(m)} for m in messages]
+        return records, serve.answers[: len(messages)], "text"
+    texts = list(load_test_split(data)["text"])[:n]
+    expected = [data.label_names[i] for i in serve.predictions[: len(texts)]]
+    return [{"text": t} for t in texts], expected, "label"
 
 
 def served_model_check(
     config: PipelineConfig, data: PreparedData, serve: ServeReport, model_uri: str, run_id: str
 ) -> Gate:
     """Serve model_uri with `mlflow models serve`, send the golden set, compare, time requests."""
-    texts = list(load_test_split(data)["text"])[: config.serve.golden_requests]
-    expected = [data.label_names[i] for i in serve.predictions[: len(texts)]]
+    records, expected, answer_key = golden_set(config, data, serve)
     with mlflow_models_serve(
         model_uri, tracking_uri(config.tracking), config.serve.served_start_timeout_s
     ) as url:
         start = time.perf_counter()
-        answers = invoke(url, texts)
+        answers = invoke_records(url, records)
         batch_ms = (time.perf_counter() - start) * 1000
         single = latency_ms(
-            lambda t: invoke(url, [t]), texts, warmup=2, runs=min(20, config.serve.latency_runs)
+            lambda r: invoke_records(url, [r]),
+            records,
+            warmup=2,
+            runs=min(20, config.serve.latency_runs),
         )
-    got = [a["label"] for a in answers]
+    got = [a[answer_key] for a in answers]
     mismatches = sum(a != b for a, b in zip(got, expected, strict=False)) + abs(
         len(got) - len(expected)
     )
-    probabilities_ok = all(abs(sum(a["probabilities"].values()) - 1.0) < 1e-4 for a in answers)
     log_metrics(
         run_id,
         {
             "served_model.request_p50_ms": single["p50_ms"],
             "served_model.request_p95_ms": single["p95_ms"],
-            f"served_model.batch{len(texts)}_request_ms": batch_ms,
-            "served_model.golden_requests": len(texts),
+            f"served_model.batch{len(records)}_request_ms": batch_ms,
+            "served_model.golden_requests": len(records),
         },
     )
-    value = mismatches if probabilities_ok else float(len(texts))
+    well_formed = config.task == "causal_lm" or all(
+        abs(sum(a["probabilities"].values()) - 1.0) < 1e-4 for a in answers
+    )
+    value = mismatches if well_formed else float(len(records))
     return log_gate(run_id, evaluate_gate("served_model_prediction_mismatches", value, 0, "<="))
 
 
@@ -186,7 +212,7 @@ def register(
     name = config.registry.model_name
     with stage_timer(run_id, "register"):
         serving_dir = build_serving_folder(config, data, quantized, run_id)
-        model_uri = log_serving_model(serving_dir, run_id)
+        model_uri = log_serving_model(config, serving_dir, run_id)
         champion, comparison = champion_comparison(config, data, serve, evaluation)
         if champion is not None:
             log_gate(run_id, champion)
@@ -224,6 +250,7 @@ def register(
             tags |= {f"served.{k}": f"{v:.4f}" for k, v in serve.metrics.items()}
             tags |= {
                 "run_id": run_id,
+                "task": config.task,
                 "serve.provider": serve.provider,
                 "onnx.variant": quantized.variant,
                 "data.content_sha256": data.content_sha256,
@@ -272,6 +299,22 @@ def _already_registered(version, gates: list[Gate], comparison) -> Registration:
     )
 
 
+def served_summary(serve: ServeReport) -> str:
+    """One line of the served model's scores and speed against PyTorch."""
+    m, t = serve.metrics, serve.timings
+    if "rouge_l" in m:
+        return (
+            f"ROUGE-L {m['rouge_l']:.4f}, exact match {m['exact_match']:.4f}; time to first "
+            f"token p50 {t['serve.onnx.ttft_p50_ms']:.2f} ms (PyTorch "
+            f"{t['serve.torch.ttft_p50_ms']:.2f} ms), {t['serve.onnx.tokens_per_second']:.1f} "
+            f"tokens/s (PyTorch {t['serve.torch.tokens_per_second']:.1f})"
+        )
+    return (
+        f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}; batch-1 p50 "
+        f"{t['serve.onnx.batch1_p50_ms']:.2f} ms (PyTorch {t['serve.torch.batch1_p50_ms']:.2f} ms)"
+    )
+
+
 def _report(
     run_id: str,
     result: Registration,
@@ -282,7 +325,7 @@ def _report(
     """Promotion report as JSON and Markdown in MLflow, and as a Prefect artifact."""
     report = asdict(result) | {
         "candidate_served_metrics": serve.metrics,
-        "candidate_adapter_metrics": {k: evaluation.metrics[k] for k in ("accuracy", "macro_f1")},
+        "candidate_adapter_metrics": evaluation.metrics,
         "production_version": evaluation.production_version,
         "production_metrics": evaluation.production_metrics,
         "onnx_variant": quantized.variant,
@@ -303,15 +346,11 @@ def _report(
             f"\nCandidate minus production v{evaluation.production_version} ({c.metric}): "
             f"{c.delta:+.4f}, {c.confidence:.0%} CI [{c.low:+.4f}, {c.high:+.4f}]\n"
         )
-    t = serve.timings
     markdown = (
         f"# {result.model_name} v{result.version}\n\n"
         f"**Production moved:** {'yes' if result.promoted else 'no'} ({result.reason})\n"
         f"{comparison}\n"
-        f"Served: {quantized.variant} on {serve.provider}; "
-        f"accuracy {serve.metrics['accuracy']:.4f}, macro-F1 {serve.metrics['macro_f1']:.4f}; "
-        f"batch-1 p50 {t['serve.onnx.batch1_p50_ms']:.2f} ms "
-        f"(PyTorch {t['serve.torch.batch1_p50_ms']:.2f} ms)\n\n"
+        f"Served: {quantized.variant} on {serve.provider}; {served_summary(serve)}\n\n"
         f"| gate | value | required | result |\n|---|---|---|---|\n{rows}\n"
     )
     MlflowClient().log_text(run_id, markdown, "promotion/report.md")

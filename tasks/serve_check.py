@@ -29,12 +29,18 @@ from tasks.tracking import connect, log_metrics, set_tags, stage_timer
 
 @dataclass(frozen=True)
 class ServeReport:
-    """What the served model scored, its predictions, and how fast both engines answered."""
+    """What the served model scored, its answers, and how fast both engines answered.
+
+    Classification fills predictions (label ids); causal_lm fills answers (generated texts) and
+    scores (registry.metric per eval prompt, for the champion comparison).
+    """
 
     provider: str
     metrics: dict[str, float]
     timings: dict[str, float]
     predictions: list[int] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
 
 
 def _runners(session, torch_model, tokenizer, max_length: int):
@@ -112,6 +118,10 @@ def serve_check(
     run_id: str,
 ) -> ServeReport:
     """Predict the test split with the serving session and time it against PyTorch."""
+    if config.task == "causal_lm":
+        from tasks.causal.serve_check import serve_check_causal  # it imports this module
+
+        return serve_check_causal(config, data, quantized, merged, run_id)
     connect(config.tracking)
     with stage_timer(run_id, "serve_check"):
         threads = config.serve.num_threads or os.cpu_count() or 1

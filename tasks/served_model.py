@@ -94,8 +94,13 @@ def _wait_ready(server: subprocess.Popen, log, url: str, timeout_s: float) -> No
 
 
 def invoke(url: str, texts: list[str], timeout_s: float = 60) -> list[dict]:
-    """POST texts to /invocations; returns one {label, score, probabilities} per text."""
-    body = json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode()
+    """POST texts to a classifier's /invocations; one {label, score, probabilities} per text."""
+    return invoke_records(url, [{"text": t} for t in texts], timeout_s)
+
+
+def invoke_records(url: str, records: list[dict], timeout_s: float = 120) -> list[dict]:
+    """POST table rows to /invocations; returns the model's answer rows."""
+    body = json.dumps({"dataframe_records": records}).encode()
     request = urllib.request.Request(
         f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
     )

@@ -1,4 +1,8 @@
-"""Stage 2: train a LoRA adapter (plus the new classification head) with transformers' Trainer."""
+"""Stage 2: train a LoRA adapter with transformers' Trainer.
+
+sequence_classification trains LoRA plus the new classification head; causal_lm trains LoRA on
+the decoder with the loss on response tokens only (labels from prepare_data).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ import numpy as np
 import torch
 from datasets import load_from_disk
 from transformers import (
+    DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    default_data_collator,
     set_seed,
 )
 
@@ -28,7 +34,7 @@ from tasks.stage import stage_task
 from tasks.storage import stage_dir
 from tasks.tracking import ArtifactRef, connect, log_folder, log_metrics, set_tags, stage_timer
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,37 @@ def training_arguments(config: PipelineConfig, out_dir: Path, device: str, preci
         dataloader_num_workers=0,
         disable_tqdm=True,
         label_names=["labels"],
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+
+
+def causal_collator(tokenizer):
+    """Packed rows (fixed length, position ids, no attention mask) are stacked as they are;
+    other examples are padded per batch, labels with -100."""
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def collate(features):
+        return (
+            default_data_collator(features) if "position_ids" in features[0] else padded(features)
+        )
+
+    return collate
+
+
+def task_setup(config: PipelineConfig, data: PreparedData, dataset):
+    """What differs between tasks: (model, report, tokenizer, collator, metrics fn, task type)."""
+    if config.task == "causal_lm":
+        from tasks.causal.data import load_data_tokenizer  # imported here: it imports this module
+        from tasks.causal.modeling import build_causal_lora_model
+
+        tokenizer = load_data_tokenizer(data)  # with the chat template the data was formatted by
+        model, report = build_causal_lora_model(config.model, config.lora)
+        return model, report, tokenizer, causal_collator(tokenizer), None, "CAUSAL_LM"
+    tokenizer = load_tokenizer(config.model)
+    model, report = build_lora_model(config.model, config.lora, data.label_names)
+    collator = DataCollatorWithPadding(tokenizer)
+    return model, report, tokenizer, collator, _compute_metrics(data.label_names), "SEQ_CLS"
 
 
 def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
@@ -163,10 +199,12 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
     with stage_timer(run_id, "train_lora"):
         set_seed(config.train.seed)
         dataset = load_from_disk(str(data.dataset.fetch() / "tokenized"))
-        keep = [c for c in dataset["train"].column_names if c in MODEL_INPUTS]
-        dataset = dataset.select_columns(keep)
-        tokenizer = load_tokenizer(config.model)
-        model, report = build_lora_model(config.model, config.lora, data.label_names)
+        for name, split in dataset.items():  # model inputs only (a packed train split differs)
+            inputs = [c for c in split.column_names if c in MODEL_INPUTS]
+            dataset[name] = split.select_columns(inputs)
+        model, report, tokenizer, collator, compute_metrics, task_type = task_setup(
+            config, data, dataset
+        )
         device = pick_device(config.train)
         precision = pick_precision(config.train, device)
         adapter_dir = stage_dir(config, run_id, "adapter")
@@ -176,8 +214,8 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
             args=training_arguments(config, checkpoints, device, precision),
             train_dataset=dataset["train"],
             eval_dataset=dataset["validation"] if "validation" in dataset else None,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=_compute_metrics(data.label_names),
+            data_collator=collator,
+            compute_metrics=compute_metrics,
             callbacks=[MlflowStepLogger(run_id)],
         )
         resume = last_complete_checkpoint(checkpoints)
@@ -212,10 +250,11 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
             model,
             adapter_dir,
             base_model_name_or_path=resolve_model_path(config.model.name_or_path),
-            task_type="SEQ_CLS",
+            task_type=task_type,
         )
         tokenizer.save_pretrained(str(adapter_dir))
-        (adapter_dir / "label_names.json").write_text(json.dumps(data.label_names))
+        if data.label_names:
+            (adapter_dir / "label_names.json").write_text(json.dumps(data.label_names))
         ref = log_folder(run_id, adapter_dir, "adapter")
     return TrainedAdapter(
         adapter=ref,

@@ -29,7 +29,7 @@ def test_served_model_is_one_of_the_scored_variants(run):
     assert q.variant in {"fp32", *(c.name for c in q.candidates)}
     agreement, drop = q.gates
     assert agreement.name == "quantized_top1_agreement" and agreement.passed
-    assert drop.value == pytest.approx(q.fp32_accuracy - q.served_accuracy)
+    assert drop.value == pytest.approx(q.fp32_score - q.served_score)
     for c in q.candidates:
         assert 0 <= c.top1_agreement <= 1 and c.p50_ms > 0
         assert (

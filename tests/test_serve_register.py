@@ -41,7 +41,7 @@ def submit(run, config, evaluation, served, gates):
 def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
     s = run.served
     assert s.provider == "CPUExecutionProvider"
-    assert s.metrics["accuracy"] == pytest.approx(run.quantized.served_accuracy)
+    assert s.metrics["accuracy"] == pytest.approx(run.quantized.served_score)
     assert len(s.predictions) == 40
     for engine in ("onnx", "torch"):
         t = {

@@ -62,7 +62,9 @@ def record_columns(frame: pd.DataFrame, data: DataConfig, path: Path) -> tuple[s
 
 
 def _is_blank(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or value == ""
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def read_conversations(path: Path, data: DataConfig) -> tuple[pd.DataFrame, int]:

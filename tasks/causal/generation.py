@@ -103,12 +103,12 @@ def response_nll(
                 input_ids[i, : len(ids)] = torch.tensor(ids)
                 attention_mask[i, : len(ids)] = 1
                 labels[i, : len(lab)] = torch.tensor(lab)
-            logits = _logits(model, input_ids, attention_mask).cpu()
-            targets = labels[:, 1:]
+            logits = _logits(model, input_ids, attention_mask)
+            targets = labels[:, 1:].to(logits.device)
             scored = targets != IGNORE_INDEX
             if not scored.any():
                 continue
-            picked = logits[:, :-1][scored].double()  # (n, vocab): only the scored positions
+            picked = logits[:, :-1][scored].double()  # (n, vocab): scored positions only, on device
             log_probs = torch.log_softmax(picked, dim=-1)
             nll = -log_probs.gather(1, targets[scored].unsqueeze(1)).squeeze(1)
             total += float(nll.sum())
