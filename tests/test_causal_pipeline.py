@@ -1,0 +1,289 @@
+"""causal_lm end to end on tiny random decoders: every stage, every gate's value, the flow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import yaml
+from causal_helpers import build_tiny_decoder
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def causal_config_dict(tmp: Path, model_dir: Path, data_path: Path, **serve) -> dict:
+    """Every stage in seconds on a tiny decoder (greedy answers of 8 tokens)."""
+    return {
+        "task": "causal_lm",
+        "data": {"path": str(data_path), "max_length": 128},
+        "model": {"name_or_path": str(model_dir)},
+        "train": {"epochs": 3, "batch_size": 8, "learning_rate": 0.02, "logging_steps": 5},
+        "eval": {"max_new_tokens": 8, "generation_prompts": 16},
+        "export": {"parity_prompts": 4},
+        "quantize": {"min_token_agreement": 0.5, "max_perplexity_increase": 0.5},
+        "serve": {
+            "latency_runs": 5,
+            "warmup_runs": 1,
+            "num_threads": 1,
+            "golden_requests": 8,
+            "decode_tokens": 8,
+            "served_model_check": False,
+            **serve,
+        },
+        "registry": {"model_name": "tiny-chat", "bootstrap_samples": 200},
+        "tracking": {
+            "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "experiment": "causal",
+            "artifact_location": (tmp / "artifacts").as_uri(),
+        },
+        "output_dir": str(tmp / "outputs"),
+    }
+
+
+@pytest.fixture(scope="module")
+def pairs_csv(tmp_path_factory, demo_frame) -> Path:
+    """160 tickets as prompt -> 'Team: <label>' pairs."""
+    frame = demo_frame.head(160)
+    path = tmp_path_factory.mktemp("causal-data") / "routing.csv"
+    pd.DataFrame({"prompt": frame["text"], "response": "Team: " + frame["label"]}).to_csv(
+        path, index=False
+    )
+    return path
+
+
+def run_stages(config) -> SimpleNamespace:
+    from tasks.evaluate import evaluate
+    from tasks.export_onnx import export_onnx
+    from tasks.merge import merge
+    from tasks.prepare_data import prepare_data
+    from tasks.quantize import quantize
+    from tasks.register import register
+    from tasks.serve_check import serve_check
+    from tasks.tracking import start_pipeline_run
+    from tasks.train_lora import train_lora
+
+    run_id = start_pipeline_run(config)
+    out = SimpleNamespace(config=config, run_id=run_id)
+    out.data = prepare_data(config, run_id)
+    out.trained = train_lora(config, out.data, run_id)
+    out.evaluation = evaluate(config, out.data, out.trained, run_id)
+    out.merged = merge(config, out.data, out.trained, run_id)
+    out.onnx = export_onnx(config, out.data, out.merged, run_id)
+    out.quantized = quantize(config, out.data, out.onnx, run_id)
+    out.served = serve_check(config, out.data, out.quantized, out.merged, run_id)
+    out.gates = [out.merged.parity, *out.onnx.gates, *out.quantized.gates]
+    out.registration = register(
+        config, out.data, out.evaluation, out.quantized, out.served, out.gates, run_id
+    )
+    out.metrics = MlflowClient().get_run(run_id).data.metrics
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, demo_frame, pairs_csv):
+    from tasks.config import config_from_dict
+
+    tmp = tmp_path_factory.mktemp("causal-llama")
+    model_dir = build_tiny_decoder(tmp / "model", list(demo_frame["text"]), "llama")
+    config = config_from_dict(
+        causal_config_dict(tmp, model_dir, pairs_csv, served_model_check=True)
+    )
+    out = run_stages(config)
+    out.tmp, out.model_dir = tmp, model_dir
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory, demo_frame, pairs_csv):
+    from tasks.config import config_from_dict
+
+    tmp = tmp_path_factory.mktemp("causal-gpt2")
+    model_dir = build_tiny_decoder(tmp / "model", list(demo_frame["text"]), "gpt2")
+    return run_stages(config_from_dict(causal_config_dict(tmp, model_dir, pairs_csv)))
+
+
+@pytest.fixture
+def llama(llama_run):
+    from tasks.tracking import connect
+
+    connect(llama_run.config.tracking)
+    return llama_run
+
+
+def test_every_gate_passes_with_its_value(llama):
+    gates = {g.name: g for g in llama.registration.gates}
+    assert set(gates) == {
+        "merge_parity_max_abs_diff",
+        "onnx_parity_max_abs_diff",
+        "onnx_greedy_tokens_differing",
+        "quantized_token_agreement",
+        "quantized_perplexity_increase",
+        "served_model_prediction_mismatches",
+    }
+    assert all(g.passed for g in gates.values())
+    assert 0 <= gates["merge_parity_max_abs_diff"].value <= 1e-4
+    assert 0 <= gates["onnx_parity_max_abs_diff"].value <= 1e-4
+    assert gates["onnx_greedy_tokens_differing"].value == 0  # 32 greedy tokens, token for token
+    assert gates["served_model_prediction_mismatches"].value == 0  # mlflow models serve
+    chosen = llama.quantized.variant
+    if chosen == "fp32":
+        assert gates["quantized_token_agreement"].value == 1.0
+        assert gates["quantized_perplexity_increase"].value == 0.0
+    else:
+        candidate = next(c for c in llama.quantized.candidates if c.name == chosen)
+        assert gates["quantized_token_agreement"].value == candidate.token_agreement
+    for name, gate in gates.items():
+        assert llama.metrics[f"gate.{name}.value"] == pytest.approx(gate.value)
+    assert llama.registration.promoted  # first version: no production to beat
+
+
+def test_training_learns_the_responses(llama):
+    m = llama.metrics
+    assert m["test.perplexity"] == pytest.approx(np.exp(m["test.loss"]), rel=1e-6)
+    assert m["test.loss"] < m["base.loss"] - 1.0  # the adapter learnt the routing answers
+    assert m["test.rouge_l"] > m["base.rouge_l"]
+    assert m["data.response_tokens.train"] > 0 and m["train.trainable_params"] > 0
+
+
+def test_generations_table_is_logged(llama):
+    client = MlflowClient()
+    table = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=llama.run_id, artifact_path="evaluation/generations.json"
+            )
+        ).read_text()
+    )
+    assert table["columns"][:4] == ["prompt", "reference", "candidate", "base"]
+    assert len(table["data"]) == 16
+    names = {f.path for f in client.list_artifacts(llama.run_id, "evaluation")}
+    assert "evaluation/test_generations.csv" in names
+
+
+def test_served_answers_equal_the_adapter_model_answers(llama):
+    """fp32 served: the ONNX pyfunc answers exactly like the PyTorch adapter model."""
+    csv = Path(llama.config.output_dir) / llama.run_id / "evaluation" / "test_generations.csv"
+    candidate = pd.read_csv(csv, keep_default_na=False)["candidate"].tolist()
+    if llama.quantized.variant == "fp32":
+        assert llama.served.answers == candidate
+    assert llama.served.metrics["rouge_l"] == pytest.approx(llama.metrics["served.rouge_l"])
+    assert len(llama.served.scores) == len(candidate) == 16
+
+
+def test_serve_check_times_first_token_and_decoding(llama):
+    t = llama.served.timings
+    for engine in ("onnx", "torch"):
+        assert 0 < t[f"serve.{engine}.ttft_p50_ms"] <= t[f"serve.{engine}.ttft_p99_ms"]
+        assert t[f"serve.{engine}.tokens_per_second"] > 0
+    assert llama.served.provider == "CPUExecutionProvider"
+
+
+def test_merged_folder_is_complete_for_serving_elsewhere(llama):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    folder = llama.merged.model.fetch()
+    base_tokenizer = AutoTokenizer.from_pretrained(llama.model_dir)
+    saved = AutoTokenizer.from_pretrained(folder)
+    assert saved.chat_template == base_tokenizer.chat_template
+    for name in ("bos_token", "eos_token", "pad_token"):
+        assert getattr(saved, name) == getattr(base_tokenizer, name)
+    assert saved.get_vocab() == base_tokenizer.get_vocab()
+    generation = GenerationConfig.from_pretrained(folder)
+    assert base_tokenizer.eos_token_id in np.atleast_1d(generation.eos_token_id)
+    assert generation.pad_token_id == base_tokenizer.pad_token_id
+    assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+
+
+def test_merge_refuses_a_folder_that_lost_its_chat_template(llama, tmp_path):
+    from tasks.causal.merge import check_complete
+    from tasks.errors import ModelError
+
+    folder = tmp_path / "merged"
+    shutil.copytree(llama.merged.model.fetch(), folder)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ModelError, match="chat template differs"):
+        check_complete(folder, tokenizer)
+
+
+def test_onnx_export_has_a_kv_cache(llama):
+    folder = llama.onnx.model.fetch()
+    names = [i.name for i in ort.InferenceSession(str(folder / "model.onnx")).get_inputs()]
+    assert "input_ids" in names and any(n.startswith("past_key_values") for n in names)
+
+
+def test_quantize_records_each_variant(llama):
+    choice = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=llama.run_id, artifact_path="quantized/choice.json"
+            )
+        ).read_text()
+    )
+    assert [c["name"] for c in choice["candidates"]] == [
+        "dynamic_per_channel",
+        "dynamic_per_tensor",
+    ]
+    for c in choice["candidates"]:
+        assert 0 <= c["token_agreement"] <= 1 and c["perplexity"] > 1 and c["size_mb"] > 0
+        assert {g["name"] for g in c["gates"]} == {
+            "quantized_token_agreement",
+            "quantized_perplexity_increase",
+        }
+    assert choice["chosen"] == llama.quantized.variant
+
+
+def test_registered_version_serves_chat_requests(llama):
+    name = llama.registration.model_name
+    version = MlflowClient().get_model_version(name, llama.registration.version)
+    assert version.tags["task"] == "causal_lm"
+    model = mlflow.pyfunc.load_model(f"models:/{name}@production")
+    answers = model.predict(
+        pd.DataFrame({"prompt": ["Where is my parcel?"]}), params={"max_new_tokens": 3}
+    )
+    assert list(answers.columns) == ["text", "new_tokens", "finish_reason"]
+    assert answers["new_tokens"][0] <= 3
+
+
+def test_gpt2_family_runs_every_stage(gpt2_run):
+    from tasks.causal.formatting import DEFAULT_CHAT_TEMPLATE
+
+    assert all(g.passed for g in gpt2_run.registration.gates)
+    targets = gpt2_run.trained.trainable_params
+    assert targets > 0
+    tags = MlflowClient().get_run(gpt2_run.run_id).data.tags
+    assert tags["data.chat_template"] == "default"
+    assert "c_attn" in tags["lora.target_names"] and "c_fc" in tags["lora.target_names"]
+    saved = __import__("transformers").AutoTokenizer.from_pretrained(gpt2_run.merged.model.fetch())
+    assert saved.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_flow_retrains_and_compares_with_production(llama, monkeypatch):
+    """A second run through the Prefect flow meets the first as production: paired comparison."""
+    from flows.retrain import retrain_flow
+
+    config = causal_config_dict(
+        llama.tmp, llama.model_dir, Path(llama.config.data.path), served_model_check=False
+    )
+    config_path = llama.tmp / "causal.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(ROOT)
+    result = retrain_flow(config_path=str(config_path), overrides=["train.epochs=2"])
+    assert result["status"] == "completed" and result["metric"] == "rouge_l"
+    metrics = MlflowClient().get_run(result["run_id"]).data.metrics
+    assert "production.rouge_l" in metrics and "production.exact_match" in metrics
+    low = metrics["champion.rouge_l_delta_ci_low"]
+    assert low <= metrics["champion.rouge_l_delta"] <= metrics["champion.rouge_l_delta_ci_high"]
+    assert metrics["gate.champion_rouge_l_delta_ci_low.value"] == pytest.approx(low)
