@@ -47,8 +47,13 @@ def build_tokenizer(texts: list[str], chat: bool, vocab_size: int = 600):
 def build_tiny_decoder(out_dir: Path, texts: list[str], family: str = "llama") -> Path:
     """Save a 2-layer random `family` ('llama' or 'gpt2') decoder and its tokenizer."""
     import torch
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig
-    from transformers import LlamaForCausalLM
+    from transformers import (
+        GenerationConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     chat = family == "llama"
     tokenizer = build_tokenizer(texts, chat=chat)
