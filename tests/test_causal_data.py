@@ -277,3 +277,49 @@ def test_prompts_longer_than_max_length_are_an_error(tmp_path, llama_dir, demo_f
     config.data.max_length = 4
     with pytest.raises(DataError, match="raise data.max_length"):
         prepare_data(config, start_pipeline_run(config))
+
+
+def test_gpu_config_file_is_valid_and_targets_attention_and_mlp():
+    from pathlib import Path
+
+    from tasks.config import load_config
+    from tasks.modeling import resolve_model_path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "causal_lm.yaml")
+    assert config.task == "causal_lm" and config.train.gradient_checkpointing
+    assert config.lora.target_modules == "all-linear" and config.lora.modules_to_save == []
+    assert resolve_model_path(config.model.name_or_path) == "Qwen/Qwen2.5-0.5B-Instruct"  # hub id
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("qwen2", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("mistral", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("gpt2", {"c_attn", "c_proj", "c_fc"}),
+    ],
+)
+def test_default_lora_targets_are_the_attention_and_mlp_projections(family, expected):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_core import inject_lora
+    from tasks.config import config_from_dict
+    from tasks.modeling import lora_config
+
+    sizes = (
+        {"n_embd": 32, "n_layer": 2, "n_head": 4}
+        if family == "gpt2"
+        else {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=100, **sizes))
+    defaults = config_from_dict({"task": "causal_lm", "data": {"path": "x"}}).lora
+    report = inject_lora(model, lora_config(defaults))
+    assert {name.rsplit(".", 1)[1] for name in report.target_names} == expected
+    assert not any("lm_head" in name for name in report.target_names)
