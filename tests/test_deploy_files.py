@@ -24,6 +24,7 @@ def _deployments() -> dict[str, dict]:
 EXPECTED = {
     "nightly": ("lora-retrain", "cpu"),
     "adhoc": ("lora-retrain", "cpu"),
+    "causal-weekly": ("lora-retrain", "cpu"),
     "gpu": ("lora-train", "gpu"),
     "manual": ("lora-promote", "cpu"),
 }
@@ -40,7 +41,8 @@ def test_prefect_deployments_load_their_flow_and_parameters(monkeypatch):
             assert "parameters" not in deployment
             continue
         params = flow.validate_parameters(deployment["parameters"])
-        assert params["config_path"] == "configs/default.yaml", name
+        expected = "configs/causal_lm.yaml" if name == "causal-weekly" else "configs/default.yaml"
+        assert params["config_path"] == expected, name
 
 
 def test_retrain_deployments_send_training_to_the_gpu_deployment(monkeypatch):
@@ -48,9 +50,9 @@ def test_retrain_deployments_send_training_to_the_gpu_deployment(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     deployments = _deployments()
-    for name in ("nightly", "adhoc"):
+    for name in ("nightly", "adhoc", "causal-weekly"):
         params = deployments[name]["parameters"]
-        config = load_config(params["config_path"], params["overrides"])
+        config = load_config(params["config_path"], params.get("overrides"))
         assert config.train.deployment == "lora-train/gpu", name
 
 
@@ -59,11 +61,13 @@ def test_gpu_deployment_runs_one_training_at_a_time_and_queues_the_rest():
     assert limit == {"limit": 1, "collision_strategy": "ENQUEUE"}
 
 
-def test_nightly_has_a_valid_cron_schedule_and_the_others_none():
+def test_nightly_and_weekly_have_valid_cron_schedules_and_the_others_none():
     deployments = _deployments()
-    schedule = deployments["nightly"]["schedules"][0]
-    assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 2 * * *"
-    assert [n for n, d in deployments.items() if d.get("schedules")] == ["nightly"]
+    for name, cron in (("nightly", "0 2 * * *"), ("causal-weekly", "0 3 * * 0")):
+        schedule = deployments[name]["schedules"][0]
+        assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == cron
+    scheduled = [n for n, d in deployments.items() if d.get("schedules")]
+    assert scheduled == ["nightly", "causal-weekly"]
 
 
 def test_workers_resolve_the_checkout_at_run_time():
