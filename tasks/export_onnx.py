@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from optimum.exporters.onnx import main_export
@@ -30,6 +31,22 @@ class OnnxModel:
     gates: list[Gate]
 
 
+def optimum_export(config: PipelineConfig, merged_dir: Path, run_id: str, task: str) -> Path:
+    """optimum's ONNX export of a merged model folder into a clean stage folder."""
+    out_dir = stage_dir(config, run_id, "onnx")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # a retried export starts clean
+    main_export(
+        str(merged_dir),
+        out_dir,
+        task=task,
+        opset=config.export.opset,
+        do_validation=False,
+        local_files_only=True,
+    )
+    return out_dir
+
+
 def export_onnx(
     config: PipelineConfig, data: PreparedData, merged: MergedModel, run_id: str
 ) -> OnnxModel:
@@ -41,17 +58,7 @@ def export_onnx(
     connect(config.tracking)
     with stage_timer(run_id, "export_onnx"):
         merged_dir = merged.model.fetch()
-        out_dir = stage_dir(config, run_id, "onnx")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # a retried export starts clean
-        main_export(
-            str(merged_dir),
-            out_dir,
-            task="text-classification",
-            opset=config.export.opset,
-            do_validation=False,
-            local_files_only=True,
-        )
+        out_dir = optimum_export(config, merged_dir, run_id, "text-classification")
         texts = load_test_split(data)["text"]
         tokenizer = load_tokenizer(config.model)
         torch_logits = predict_logits(

@@ -33,6 +33,15 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
+def merge_and_unload(model):
+    """Safe merge (in a copy, finite check, then swap in), then the LoRA wrappers out."""
+    try:
+        merge_lora(model, safe=True)
+    except LoraError as exc:
+        raise ModelError(f"merge failed: {exc}") from exc
+    return unload_lora(model)  # already merged: wrappers out, merged weights stay
+
+
 def merge(
     config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
 ) -> MergedModel:
@@ -49,11 +58,7 @@ def merge(
         adapter_logits = predict_logits(
             model, tokenizer, texts, config.data.max_length, config.eval.batch_size
         )
-        try:
-            merge_lora(model, safe=True)
-        except LoraError as exc:
-            raise ModelError(f"merge failed: {exc}") from exc
-        plain = unload_lora(model)  # already merged above: wrappers out, merged weights stay
+        plain = merge_and_unload(model)
         out_dir = stage_dir(config, run_id, "merged_model")
         plain.save_pretrained(str(out_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))

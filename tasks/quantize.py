@@ -222,6 +222,17 @@ def _with_gates(candidate: Candidate, fp32: Candidate, config: PipelineConfig) -
     return Candidate(**{**candidate.__dict__, "gates": gates})
 
 
+def served_folder(out_dir: Path, model_file: str, fp32_dir: Path) -> Path:
+    """out_dir/served: the chosen ONNX file as SERVED_FILE, with fp32's tokenizer and configs."""
+    served_dir = out_dir / "served"
+    served_dir.mkdir()
+    shutil.copy2(model_file, served_dir / SERVED_FILE)
+    for item in fp32_dir.iterdir():  # tokenizer and config travel with the model
+        if item.is_file() and item.suffix != ".onnx":
+            shutil.copy2(item, served_dir / item.name)
+    return served_dir
+
+
 def choose(fp32: Candidate, candidates: list[Candidate], fallback: bool) -> tuple[Candidate, str]:
     """The fastest candidate that passes its gates and beats fp32; else fp32 (if allowed)."""
     passing = [c for c in candidates if c.passed]
@@ -283,14 +294,9 @@ def quantize(
             candidates.append(_with_gates(candidate, fp32, config))
         chosen, reason = choose(fp32, candidates, config.quantize.fallback_to_fp32)
 
-        served_dir = out_dir / "served"
-        served_dir.mkdir()
-        shutil.copy2(chosen.model_file, served_dir / SERVED_FILE)
-        for item in fp32_dir.iterdir():  # tokenizer and config travel with the model
-            if item.is_file() and item.suffix != ".onnx":
-                shutil.copy2(item, served_dir / item.name)
+        served_dir = served_folder(out_dir, chosen.model_file, fp32_dir)
         gates = chosen.gates or _with_gates(fp32, fp32, config).gates
-        _log(run_id, fp32, candidates, chosen, gates, isa, reason)
+        log_choice(run_id, fp32, candidates, chosen, gates, isa, reason, CLASSIFIER_FIELDS)
         ref = log_folder(run_id, served_dir, "quantized")
     return QuantizedModel(
         model=ref,
@@ -305,22 +311,28 @@ def quantize(
     )
 
 
-def _log(run_id, fp32, candidates, chosen, gates, isa, reason) -> None:
+# metric name -> Candidate attribute; the first is the score ("quantize.served.<it>")
+CLASSIFIER_FIELDS = {
+    "accuracy": "accuracy",
+    "top1_agreement": "top1_agreement",
+    "p50_ms": "p50_ms",
+    "size_mb": "size_mb",
+}
+
+
+def log_choice(run_id, fp32, candidates, chosen, gates, isa, reason, fields: dict[str, str]):
+    """Every variant's figures, the gates, tags, and quantized/choice.json."""
+    score = next(iter(fields))
     metrics = {
-        "quantize.fp32.accuracy": fp32.accuracy,
-        "quantize.fp32.p50_ms": fp32.p50_ms,
-        "quantize.fp32.size_mb": fp32.size_mb,
-        "quantize.served.size_ratio": chosen.size_mb / fp32.size_mb,
-        "quantize.served.accuracy": chosen.accuracy,
+        f"quantize.fp32.{name}": getattr(fp32, attr)
+        for name, attr in fields.items()
+        if "agreement" not in name
     }
+    metrics["quantize.served.size_ratio"] = chosen.size_mb / fp32.size_mb
+    metrics[f"quantize.served.{score}"] = getattr(chosen, fields[score])
     for c in candidates:
-        metrics |= {
-            f"quantize.{c.name}.accuracy": c.accuracy,
-            f"quantize.{c.name}.top1_agreement": c.top1_agreement,
-            f"quantize.{c.name}.p50_ms": c.p50_ms,
-            f"quantize.{c.name}.size_mb": c.size_mb,
-            f"quantize.{c.name}.passed": float(c.passed),
-        }
+        metrics |= {f"quantize.{c.name}.{name}": getattr(c, attr) for name, attr in fields.items()}
+        metrics[f"quantize.{c.name}.passed"] = float(c.passed)
     log_metrics(run_id, metrics)
     for gate in gates:
         log_gate(run_id, gate)

@@ -121,13 +121,13 @@ def test_served_model_that_answers_differently_is_rejected(run, monkeypatch):
     submit(
         run, renamed(run, "served-bad"), run.evaluation, run.served, run.gates
     )  # v1 in production
-    real_invoke = register_module.invoke
+    real_invoke = register_module.invoke_records
 
-    def wrong(url, texts, timeout_s=60):
-        answers = real_invoke(url, texts, timeout_s)
+    def wrong(url, records, timeout_s=60):
+        answers = real_invoke(url, records, timeout_s)
         return [{**a, "label": "not-a-label"} for a in answers]
 
-    monkeypatch.setattr(register_module, "invoke", wrong)
+    monkeypatch.setattr(register_module, "invoke_records", wrong)
     with pytest.raises(
         GateFailed, match=r"^gate served_model_prediction_mismatches FAILED: measured 16"
     ):

@@ -10,18 +10,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from optimum.exporters.onnx import main_export
-
 from tasks.causal.data import load_data_tokenizer
 from tasks.causal.generation import first_step_logits, greedy_new_tokens
 from tasks.causal.merge import max_abs_diff_all, probe_prompts
 from tasks.causal.modeling import load_causal_lm, open_causal_onnx
 from tasks.config import PipelineConfig
-from tasks.export_onnx import ONNX_FILE, OnnxModel
+from tasks.export_onnx import ONNX_FILE, OnnxModel, optimum_export
 from tasks.gates import evaluate_gate, require
 from tasks.merge import MergedModel
 from tasks.prepare_data import PreparedData
-from tasks.storage import stage_dir
 from tasks.tracking import connect, log_folder, log_gate, log_metrics, stage_timer
 
 
@@ -47,17 +44,7 @@ def export_causal(
     connect(config.tracking)
     with stage_timer(run_id, "export_onnx"):
         merged_dir = merged.model.fetch()
-        out_dir = stage_dir(config, run_id, "onnx")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # a retried export starts clean
-        main_export(
-            str(merged_dir),
-            out_dir,
-            task="text-generation-with-past",
-            opset=config.export.opset,
-            do_validation=False,
-            local_files_only=True,
-        )
+        out_dir = optimum_export(config, merged_dir, run_id, "text-generation-with-past")
         copy_missing_files(merged_dir, out_dir)
         tokenizer = load_data_tokenizer(data)
         prompts = probe_prompts(config, data)

@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
-from lora_core import LoraError, merge_lora, unload_lora
 from tasks.causal.data import load_data_tokenizer, load_split
 from tasks.causal.generation import first_step_logits
 from tasks.causal.modeling import load_adapted_causal_lm, load_causal_lm
 from tasks.config import PipelineConfig
 from tasks.errors import ModelError
 from tasks.gates import evaluate_gate, require
-from tasks.merge import MergedModel, max_abs_diff
+from tasks.merge import MergedModel, max_abs_diff, merge_and_unload
 from tasks.prepare_data import PreparedData
 from tasks.storage import stage_dir
 from tasks.tracking import connect, log_folder, log_gate, stage_timer
@@ -90,11 +89,7 @@ def merge_causal(
         prompts = probe_prompts(config, data)
         model = load_adapted_causal_lm(config.model, trained.adapter.fetch())
         adapter_logits = first_step_logits(model, tokenizer, prompts)
-        try:
-            merge_lora(model, safe=True)
-        except LoraError as exc:
-            raise ModelError(f"merge failed: {exc}") from exc
-        plain = unload_lora(model)
+        plain = merge_and_unload(model)
         plain.generation_config = generation_config_for(plain, tokenizer)
         out_dir = stage_dir(config, run_id, "merged_model")
         plain.save_pretrained(str(out_dir), safe_serialization=True)

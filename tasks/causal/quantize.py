@@ -24,23 +24,28 @@ from tasks.gates import Gate, evaluate_gate
 from tasks.latency import latency_ms
 from tasks.prepare_data import PreparedData
 from tasks.quantize import (
-    SERVED_FILE,
     QuantizedModel,
     choose,
     convert_fp16,
     instruction_set,
+    log_choice,
     quantize_variant,
+    served_folder,
 )
 from tasks.storage import stage_dir
 from tasks.tracking import (
     connect,
     log_folder,
-    log_gate,
-    log_json,
-    log_metrics,
-    set_tags,
     stage_timer,
 )
+
+# metric name -> DecoderCandidate attribute; the first is the score ("quantize.served.<it>")
+DECODER_FIELDS = {
+    "perplexity": "perplexity",
+    "token_agreement": "token_agreement",
+    "ms_per_token": "p50_ms",
+    "size_mb": "size_mb",
+}
 
 
 @dataclass(frozen=True)
@@ -136,13 +141,9 @@ def quantize_causal(
             candidates.append(_with_gates(candidate, fp32, config))
         chosen, reason = choose(fp32, candidates, config.quantize.fallback_to_fp32)
 
-        served_dir = out_dir / "served"
-        served_dir.mkdir()
-        shutil.copy2(chosen.model_file, served_dir / SERVED_FILE)
-        copy_missing_files(fp32_dir, served_dir)
-        (served_dir / ONNX_FILE).unlink(missing_ok=True)  # only the chosen model is served
+        served_dir = served_folder(out_dir, chosen.model_file, fp32_dir)
         gates = chosen.gates or _with_gates(fp32, fp32, config).gates
-        _log(run_id, fp32, candidates, chosen, gates, isa, reason)
+        log_choice(run_id, fp32, candidates, chosen, gates, isa, reason, DECODER_FIELDS)
         ref = log_folder(run_id, served_dir, "quantized")
     return QuantizedModel(
         model=ref,
@@ -154,46 +155,4 @@ def quantize_causal(
         reason=reason,
         gates=gates,
         candidates=candidates,
-    )
-
-
-def _log(run_id, fp32, candidates, chosen, gates, isa, reason) -> None:
-    metrics = {
-        "quantize.fp32.perplexity": fp32.perplexity,
-        "quantize.fp32.ms_per_token": fp32.p50_ms,
-        "quantize.fp32.size_mb": fp32.size_mb,
-        "quantize.served.size_ratio": chosen.size_mb / fp32.size_mb,
-        "quantize.served.perplexity": chosen.perplexity,
-    }
-    for c in candidates:
-        metrics |= {
-            f"quantize.{c.name}.perplexity": c.perplexity,
-            f"quantize.{c.name}.token_agreement": c.token_agreement,
-            f"quantize.{c.name}.ms_per_token": c.p50_ms,
-            f"quantize.{c.name}.size_mb": c.size_mb,
-            f"quantize.{c.name}.passed": float(c.passed),
-        }
-    log_metrics(run_id, metrics)
-    for gate in gates:
-        log_gate(run_id, gate)
-    set_tags(
-        run_id,
-        {
-            "quantize.instruction_set": isa,
-            "quantize.variant": chosen.name,
-            "quantize.reason": reason[:5000],
-        },
-    )
-    log_json(
-        run_id,
-        {
-            "chosen": chosen.name,
-            "reason": reason,
-            "instruction_set": isa,
-            "fp32": fp32.__dict__ | {"gates": []},
-            "candidates": [
-                c.__dict__ | {"gates": [g.as_dict() for g in c.gates]} for c in candidates
-            ],
-        },
-        "quantized/choice.json",
     )
