@@ -287,3 +287,27 @@ def test_flow_retrains_and_compares_with_production(llama, monkeypatch):
     low = metrics["champion.rouge_l_delta_ci_low"]
     assert low <= metrics["champion.rouge_l_delta"] <= metrics["champion.rouge_l_delta_ci_high"]
     assert metrics["gate.champion_rouge_l_delta_ci_low.value"] == pytest.approx(low)
+
+
+def test_fp16_variant_of_the_kv_cache_graph_keeps_its_interface_and_answers(llama, tmp_path):
+    """The GPU target's conversion (run here on the CPU provider; no CUDA in CI)."""
+    from tasks.causal.data import load_data_tokenizer
+    from tasks.causal.generation import greedy_new_tokens, token_agreement
+    from tasks.causal.merge import probe_prompts
+    from tasks.causal.modeling import open_causal_onnx
+    from tasks.quantize import convert_fp16
+
+    fp32_dir = llama.onnx.model.fetch()
+    fp16_dir = tmp_path / "fp16"
+    shutil.copytree(fp32_dir, fp16_dir)
+    convert_fp16(fp32_dir / "model.onnx", fp16_dir / "model.onnx")
+    sessions = [ort.InferenceSession(str(d / "model.onnx")) for d in (fp32_dir, fp16_dir)]
+    interfaces = [[(i.name, i.type) for i in s.get_inputs()] for s in sessions]
+    assert interfaces[0] == interfaces[1]  # fp32 inputs and past key/values kept
+    tokenizer = load_data_tokenizer(llama.data)
+    prompts = probe_prompts(llama.config, llama.data)
+    tokens = [
+        greedy_new_tokens(open_causal_onnx(d, "model.onnx"), tokenizer, prompts, 16, 16)
+        for d in (fp32_dir, fp16_dir)
+    ]
+    assert token_agreement(*tokens) >= 0.9
