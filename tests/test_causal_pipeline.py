@@ -15,8 +15,18 @@ import pytest
 import yaml
 from causal_helpers import build_tiny_decoder
 from mlflow.tracking import MlflowClient
+from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _send_flow_logs_while_the_api_is_up():
+    """Flows run here leave logs queued; unsent, they stall the exit and print errors."""
+    yield
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
 
 
 def causal_config_dict(tmp: Path, model_dir: Path, data_path: Path, **serve) -> dict:
@@ -187,7 +197,7 @@ def test_serve_check_times_first_token_and_decoding(llama):
 
 
 def test_merged_folder_is_complete_for_serving_elsewhere(llama):
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     folder = llama.merged.model.fetch()
     base_tokenizer = AutoTokenizer.from_pretrained(llama.model_dir)
@@ -208,7 +218,7 @@ def test_merge_refuses_a_folder_that_lost_its_chat_template(llama, tmp_path):
 
     folder = tmp_path / "merged"
     shutil.copytree(llama.merged.model.fetch(), folder)
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config.pop("chat_template", None)
@@ -266,7 +276,7 @@ def test_gpt2_family_runs_every_stage(gpt2_run):
     tags = MlflowClient().get_run(gpt2_run.run_id).data.tags
     assert tags["data.chat_template"] == "default"
     assert "c_attn" in tags["lora.target_names"] and "c_fc" in tags["lora.target_names"]
-    saved = __import__("transformers").AutoTokenizer.from_pretrained(gpt2_run.merged.model.fetch())
+    saved = AutoTokenizer.from_pretrained(gpt2_run.merged.model.fetch())
     assert saved.chat_template == DEFAULT_CHAT_TEMPLATE
 
 
@@ -311,3 +321,33 @@ def test_fp16_variant_of_the_kv_cache_graph_keeps_its_interface_and_answers(llam
         for d in (fp32_dir, fp16_dir)
     ]
     assert token_agreement(*tokens) >= 0.9
+
+
+def test_causal_training_on_the_gpu_deployment_travels_through_mlflow(
+    tmp_path, demo_frame, pairs_csv, monkeypatch
+):
+    """train.deployment set: lora-train runs as a worker would (stand-in for run_deployment, its
+    own output folder), gets the data and chat tokenizer from MLflow, sends the adapter back."""
+    from test_train_deployment import FakeDeploymentRunner
+
+    import flows.train as train_module
+    from flows.retrain import retrain_flow
+    from tasks.causal.formatting import DEFAULT_CHAT_TEMPLATE
+
+    model_dir = build_tiny_decoder(tmp_path / "model", list(demo_frame["text"]), "gpt2")
+    config = causal_config_dict(tmp_path, model_dir, pairs_csv)
+    config["train"]["deployment"] = "lora-train/gpu"
+    config_path = tmp_path / "causal.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runner = FakeDeploymentRunner(tmp_path / "worker")
+    monkeypatch.setattr(train_module, "run_deployment", runner)
+    result = retrain_flow(config_path=str(config_path))
+    assert result["status"] == "completed" and len(runner.calls) == 1
+    assert runner.calls[0]["parameters"]["data"]["label_names"] == []
+    worker = tmp_path / "worker" / result["run_id"]
+    saved = AutoTokenizer.from_pretrained(worker / "adapter")
+    assert saved.chat_template == DEFAULT_CHAT_TEMPLATE  # the template the data was formatted by
+    pipeline = tmp_path / "outputs" / result["run_id"] / "adapter" / "adapter_model.safetensors"
+    assert pipeline.read_bytes() == (worker / "adapter" / "adapter_model.safetensors").read_bytes()
+    adapter_config = json.loads((worker / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "CAUSAL_LM"
