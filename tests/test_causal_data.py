@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pandas as pd
@@ -323,3 +324,31 @@ def test_default_lora_targets_are_the_attention_and_mlp_projections(family, expe
     report = inject_lora(model, lora_config(defaults))
     assert {name.rsplit(".", 1)[1] for name in report.target_names} == expected
     assert not any("lm_head" in name for name in report.target_names)
+
+
+def test_a_template_that_rejects_a_record_is_a_clear_error(tmp_path, llama_dir, demo_frame):
+    """Templates may raise (e.g. Mistral's on a system turn): the error names the example."""
+    from transformers import AutoTokenizer
+
+    from tasks.errors import DataError
+    from tasks.prepare_data import prepare_data
+    from tasks.tracking import start_pipeline_run
+
+    model_dir = tmp_path / "strict"
+    shutil.copytree(llama_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('system messages are not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    tokenizer.save_pretrained(model_dir)
+    path = tmp_path / "chats.jsonl"
+    record = {"messages": [{"role": "system", "content": "Be brief."}, *EXCHANGE]}
+    path.write_text(json.dumps(record) + "\n" + json.dumps({"messages": EXCHANGE}) + "\n")
+    config = causal_config(tmp_path, model_dir, path)
+    config.data.split.validation = 0.0
+    config.data.split.test = 0.5
+    with pytest.raises(DataError, match="cannot be formatted with the chat template") as info:
+        prepare_data(config, start_pipeline_run(config))
+    assert "system messages are not supported" in str(info.value)

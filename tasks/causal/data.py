@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from datasets import Dataset, DatasetDict, load_from_disk
+from jinja2 import TemplateError
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -127,7 +128,14 @@ def tokenize_split(frame: pd.DataFrame, tokenizer, max_length: int, name: str):
     """Encode each conversation; drop (and count) those left with no response token."""
     kept, encoded, too_long = [], [], 0
     for i, messages in enumerate(frame["conversation"]):
-        example = encode(tokenizer, messages, max_length)
+        try:
+            example = encode(tokenizer, messages, max_length)
+        except (FormatError, TemplateError) as exc:
+            raise DataError(
+                f"data: {name} example {i + 1} ({json.dumps(messages)[:200]}...) cannot be "
+                f"formatted with the chat template of model.name_or_path: {exc}; fix the record "
+                f"(e.g. roles the template accepts) or use a model whose template fits the data"
+            ) from None
         if example.trained_tokens == 0:
             too_long += 1
             continue
