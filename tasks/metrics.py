@@ -75,6 +75,24 @@ def timing_figure(timings: dict[str, float], sizes: list[int], variant: str):
     return fig
 
 
+def decoder_timing_figure(timings: dict[str, float], variant: str):
+    """Two panels for decoders: time to first token percentiles and decode tokens/s, per engine."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.38
+    labels = {"onnx": f"onnxruntime ({variant})", "torch": "PyTorch fp32 eager"}
+    for i, engine in enumerate(("onnx", "torch")):
+        pct = [timings[f"serve.{engine}.ttft_{p}_ms"] for p in ("p50", "p95", "p99")]
+        left.bar(np.arange(3) + i * width, pct, width, label=labels[engine])
+        right.bar([i], [timings[f"serve.{engine}.tokens_per_second"]], 0.6, label=labels[engine])
+    left.set_xticks(np.arange(3) + width / 2, ["p50", "p95", "p99"])
+    left.set_ylabel("time to first token (ms, batch 1)")
+    right.set_xticks([0, 1], ["onnxruntime", "PyTorch"])
+    right.set_ylabel("decode tokens / second (batch 1)")
+    left.legend()
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

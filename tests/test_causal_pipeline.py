@@ -194,6 +194,8 @@ def test_serve_check_times_first_token_and_decoding(llama):
         assert 0 < t[f"serve.{engine}.ttft_p50_ms"] <= t[f"serve.{engine}.ttft_p99_ms"]
         assert t[f"serve.{engine}.tokens_per_second"] > 0
     assert llama.served.provider == "CPUExecutionProvider"
+    plots = {f.path for f in MlflowClient().list_artifacts(llama.run_id, "plots")}
+    assert plots == {"plots/serving_latency.png"}
 
 
 def test_merged_folder_is_complete_for_serving_elsewhere(llama):

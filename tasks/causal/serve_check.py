@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
+from mlflow.tracking import MlflowClient
 
 from tasks.causal.data import load_data_tokenizer
 from tasks.causal.evaluate import eval_prompts
@@ -24,6 +26,7 @@ from tasks.causal.text_metrics import generation_metrics, per_example
 from tasks.config import PipelineConfig
 from tasks.latency import latency_ms
 from tasks.merge import MergedModel
+from tasks.metrics import decoder_timing_figure, save_figure
 from tasks.prepare_data import PreparedData
 from tasks.quantize import SERVED_FILE, QuantizedModel
 from tasks.serve_check import ServeReport
@@ -99,6 +102,11 @@ def serve_check_causal(
             timings["serve.onnx.tokens_per_second"] / timings["serve.torch.tokens_per_second"]
         )
         log_metrics(run_id, {f"served.{k}": v for k, v in metrics.items()} | timings)
+        figure = decoder_timing_figure(timings, quantized.variant)
+        path = save_figure(
+            figure, Path(config.output_dir) / run_id / "plots" / "serving_latency.png"
+        )
+        MlflowClient().log_artifact(run_id, str(path), "plots")
         set_tags(
             run_id,
             {
