@@ -44,19 +44,30 @@ def build_tokenizer(texts: list[str], chat: bool, vocab_size: int = 600):
     return tokenizer
 
 
-def build_tiny_decoder(out_dir: Path, texts: list[str], family: str = "llama") -> Path:
-    """Save a 2-layer random `family` ('llama' or 'gpt2') decoder and its tokenizer."""
-    import torch
-    from transformers import (
-        GenerationConfig,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+SIZES = {  # 2 layers, hidden 32: every family in its own architecture, seconds to train
+    "llama": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    },
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 512},
+}
+SIZES["qwen2"] = SIZES["llama"]
+CHAT_FAMILIES = ("llama", "qwen2")  # built with the ChatML template; gpt2 without a template
 
-    chat = family == "llama"
-    tokenizer = build_tokenizer(texts, chat=chat)
+
+def build_tiny_decoder(out_dir: Path, texts: list[str], family: str = "llama") -> Path:
+    """Save a 2-layer random `family` ('llama', 'qwen2' or 'gpt2') decoder and its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if family not in SIZES:
+        raise ValueError(f"unknown family {family!r}")
+    tokenizer = build_tokenizer(texts, chat=family in CHAT_FAMILIES)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
     ids = {
@@ -65,33 +76,14 @@ def build_tiny_decoder(out_dir: Path, texts: list[str], family: str = "llama") -
         "pad_token_id": tokenizer.pad_token_id,
     }
     torch.manual_seed(0)
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            initializer_range=0.2,  # peaked logits: greedy paths without near-ties
-            **ids,
-        )
-        model = LlamaForCausalLM(config)
-    elif family == "gpt2":
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=512,
-            initializer_range=0.2,
-            **ids,
-        )
-        model = GPT2LMHeadModel(config)
-    else:
-        raise ValueError(f"unknown family {family!r}")
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=len(tokenizer),
+        initializer_range=0.2,  # peaked logits: greedy paths without near-ties
+        **SIZES[family],
+        **ids,
+    )
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir

@@ -111,13 +111,16 @@ def llama_run(tmp_path_factory, demo_frame, pairs_csv):
     return out
 
 
-@pytest.fixture(scope="module")
-def gpt2_run(tmp_path_factory, demo_frame, pairs_csv):
+@pytest.fixture(scope="module", params=["gpt2", "qwen2"])
+def other_family_run(request, tmp_path_factory, demo_frame, pairs_csv):
+    """GPT-2 (Conv1D layers, no chat template) and Qwen2 (the family of configs/causal_lm.yaml)."""
     from tasks.config import config_from_dict
 
-    tmp = tmp_path_factory.mktemp("causal-gpt2")
-    model_dir = build_tiny_decoder(tmp / "model", list(demo_frame["text"]), "gpt2")
-    return run_stages(config_from_dict(causal_config_dict(tmp, model_dir, pairs_csv)))
+    tmp = tmp_path_factory.mktemp(f"causal-{request.param}")
+    model_dir = build_tiny_decoder(tmp / "model", list(demo_frame["text"]), request.param)
+    out = run_stages(config_from_dict(causal_config_dict(tmp, model_dir, pairs_csv)))
+    out.family = request.param
+    return out
 
 
 @pytest.fixture
@@ -269,17 +272,24 @@ def test_registered_version_serves_chat_requests(llama):
     assert answers["new_tokens"][0] <= 3
 
 
-def test_gpt2_family_runs_every_stage(gpt2_run):
+def test_gpt2_and_qwen2_families_run_every_stage(other_family_run):
     from tasks.causal.formatting import DEFAULT_CHAT_TEMPLATE
 
-    assert all(g.passed for g in gpt2_run.registration.gates)
-    targets = gpt2_run.trained.trainable_params
-    assert targets > 0
-    tags = MlflowClient().get_run(gpt2_run.run_id).data.tags
-    assert tags["data.chat_template"] == "default"
-    assert "c_attn" in tags["lora.target_names"] and "c_fc" in tags["lora.target_names"]
-    saved = AutoTokenizer.from_pretrained(gpt2_run.merged.model.fetch())
-    assert saved.chat_template == DEFAULT_CHAT_TEMPLATE
+    run = other_family_run
+    assert all(g.passed for g in run.registration.gates)
+    assert run.metrics["gate.onnx_greedy_tokens_differing.value"] == 0
+    assert run.metrics["test.loss"] < run.metrics["base.loss"]
+    tags = MlflowClient().get_run(run.run_id).data.tags
+    targets = tags["lora.target_names"]
+    saved = AutoTokenizer.from_pretrained(run.merged.model.fetch())
+    if run.family == "gpt2":
+        assert tags["data.chat_template"] == "default"
+        assert "c_attn" in targets and "c_fc" in targets
+        assert saved.chat_template == DEFAULT_CHAT_TEMPLATE
+    else:
+        assert tags["data.chat_template"] == "tokenizer"
+        assert all(f".{name}" in targets for name in ("q_proj", "o_proj", "gate_proj", "down_proj"))
+        assert saved.chat_template.startswith("{% for message in messages %}")
 
 
 def test_flow_retrains_and_compares_with_production(llama, monkeypatch):
