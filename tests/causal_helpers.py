@@ -60,14 +60,20 @@ SIZES["qwen2"] = SIZES["llama"]
 CHAT_FAMILIES = ("llama", "qwen2")  # built with the ChatML template; gpt2 without a template
 
 
-def build_tiny_decoder(out_dir: Path, texts: list[str], family: str = "llama") -> Path:
-    """Save a 2-layer random `family` ('llama', 'qwen2' or 'gpt2') decoder and its tokenizer."""
+def build_tiny_decoder(
+    out_dir: Path,
+    texts: list[str],
+    family: str = "llama",
+    vocab_size: int = 600,
+    initializer_range: float = 0.2,  # peaked logits: greedy paths without near-ties
+) -> Path:
+    """Save a random `family` ('llama', 'qwen2' or 'gpt2') decoder of SIZES and its tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if family not in SIZES:
         raise ValueError(f"unknown family {family!r}")
-    tokenizer = build_tokenizer(texts, chat=family in CHAT_FAMILIES)
+    tokenizer = build_tokenizer(texts, chat=family in CHAT_FAMILIES, vocab_size=vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
     ids = {
@@ -79,7 +85,7 @@ def build_tiny_decoder(out_dir: Path, texts: list[str], family: str = "llama") -
     config = AutoConfig.for_model(
         family,
         vocab_size=len(tokenizer),
-        initializer_range=0.2,  # peaked logits: greedy paths without near-ties
+        initializer_range=initializer_range,
         **SIZES[family],
         **ids,
     )

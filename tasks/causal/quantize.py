@@ -1,9 +1,10 @@
 """quantize for causal_lm: int8 (CPU) or fp16 (GPU) variants gated on tokens and perplexity.
 
-Each variant is scored against ONNX fp32 in the same run: greedy token agreement on the probe
-prompts (export.parity_new_tokens new tokens each), test perplexity (response tokens), and the
-batch-1 decode time per token. The fastest variant that passes both gates and beats fp32 ships
-as SERVED_FILE; otherwise fp32 ships, with the reason recorded (quantize/choice.json, tags).
+Each variant is scored against ONNX fp32 in the same run: agreement of its greedy answers to the
+probe prompts with fp32's, token by token (up to export.parity_new_tokens, stopping at eos), test
+perplexity (response tokens), and the batch-1 decode time per token. The fastest variant that
+passes both gates and beats fp32 ships as SERVED_FILE; otherwise fp32 ships, with the reason
+recorded (quantize/choice.json, tags).
 Static int8 needs a calibrated KV-cache graph and is not offered for decoders.
 """
 
@@ -68,8 +69,9 @@ class DecoderCandidate:
 def _score(folder: Path, file_name: str, name: str, tokenizer, prompts, test, config, device, ref):
     """Generate on the probes, measure perplexity and decode speed; returns (candidate, tokens)."""
     model = open_causal_onnx(folder, file_name, device, config.serve.num_threads)
-    n = config.export.parity_new_tokens
-    tokens = greedy_new_tokens(model, tokenizer, prompts, n, min_new_tokens=n)
+    # the answers users get: greedy up to parity_new_tokens, stopping at eos (tokens forced
+    # past eos are off-distribution near-ties, which say little about quantization quality)
+    tokens = greedy_new_tokens(model, tokenizer, prompts, config.export.parity_new_tokens)
     nll, count = response_nll(model, test, config.eval.batch_size)
     steps = config.serve.decode_tokens
     timing = latency_ms(
