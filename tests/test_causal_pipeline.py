@@ -270,6 +270,21 @@ def test_registered_version_serves_chat_requests(llama):
     )
     assert list(answers.columns) == ["text", "new_tokens", "finish_reason"]
     assert answers["new_tokens"][0] <= 3
+    report = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=llama.run_id, artifact_path="promotion/report.json"
+            )
+        ).read_text()
+    )
+    assert report["candidate_adapter_metrics"]["perplexity"] > 1
+    assert report["candidate_served_metrics"] == llama.served.metrics
+    markdown = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=llama.run_id, artifact_path="promotion/report.md"
+        )
+    ).read_text()
+    assert "ROUGE-L" in markdown and "time to first token" in markdown
 
 
 def test_gpt2_and_qwen2_families_run_every_stage(other_family_run):
