@@ -61,7 +61,7 @@ def load_base_causal_lm(model_cfg: ModelConfig):
 def open_causal_onnx(folder: Path, file_name: str, device: str = "cpu", num_threads: int = 0):
     """optimum's ORTModelForCausalLM (KV cache) on one ONNX file of an exported folder; asking
     for cuda and not getting the CUDA provider is an error, as for classifiers."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # imported here: GPU training workers never load onnxruntime
     from optimum.onnxruntime import ORTModelForCausalLM
 
     from tasks.onnx_runtime import CUDA, providers_for
