@@ -164,14 +164,28 @@ def carve(frame: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, p
     return rest.reset_index(drop=True), part.reset_index(drop=True)
 
 
-def split_stratified(frame: pd.DataFrame, data: DataConfig) -> dict[str, pd.DataFrame]:
-    """Seeded stratified train/validation/test split of one cleaned table."""
-    rest, test = carve(frame, data.split.test, data.seed)
-    splits = {"train": rest, "test": test}
-    if data.split.validation > 0:
-        share = data.split.validation / (1.0 - data.split.test)
-        splits["train"], splits["validation"] = carve(rest, share, data.seed)
-    return splits
+def finish_splits(splits: dict[str, pd.DataFrame], data: DataConfig, cut) -> int:
+    """Split in place: one table ('all') into train/validation/test, or a folder's missing
+    splits out of train, with cut(frame, share, seed) -> (rest, part) (stratified or random);
+    then drop validation/test rows seen in train and refuse empty splits. Returns the leaked
+    count."""
+    if "all" in splits:
+        rest, splits["test"] = cut(splits.pop("all"), data.split.test, data.seed)
+        splits["train"] = rest
+        if data.split.validation > 0:
+            share = data.split.validation / (1.0 - data.split.test)
+            splits["train"], splits["validation"] = cut(rest, share, data.seed)
+    else:  # a folder: carve the splits it lacks out of train
+        for name, share in (("test", data.split.test), ("validation", data.split.validation)):
+            if name not in splits and share > 0:
+                splits["train"], splits[name] = cut(splits["train"], share, data.seed)
+    leaked = remove_leakage(splits)
+    for name, frame in splits.items():
+        if frame.empty:
+            raise DataError(
+                f"data: the {name} split is empty after cleaning; add rows or change data.split"
+            )
+    return leaked
 
 
 def remove_leakage(splits: dict[str, pd.DataFrame]) -> int:
@@ -225,18 +239,7 @@ def build_splits(data: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, i
         splits[name], counts = clean(read_table(path, data), data, where=str(path))
         for key, value in counts.items():
             dropped[key] += value
-    if "all" in splits:
-        splits = split_stratified(splits.pop("all"), data)
-    else:  # a folder: carve the splits it lacks out of train
-        for name, share in (("test", data.split.test), ("validation", data.split.validation)):
-            if name not in splits and share > 0:
-                splits["train"], splits[name] = carve(splits["train"], share, data.seed)
-    dropped["leaked"] = remove_leakage(splits)
-    for name, frame in splits.items():
-        if frame.empty:
-            raise DataError(
-                f"data: the {name} split is empty after cleaning; add rows or change data.split"
-            )
+    dropped["leaked"] = finish_splits(splits, data, carve)
     return splits, dropped, content_sha256(list(files.values()))
 
 

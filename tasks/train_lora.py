@@ -178,7 +178,7 @@ def causal_collator(tokenizer):
     return collate
 
 
-def task_setup(config: PipelineConfig, data: PreparedData, dataset):
+def task_setup(config: PipelineConfig, data: PreparedData):
     """What differs between tasks: (model, report, tokenizer, collator, metrics fn, task type)."""
     if config.task == "causal_lm":
         from tasks.causal.data import load_data_tokenizer  # imported here: it imports this module
@@ -202,9 +202,7 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
         for name, split in dataset.items():  # model inputs only (a packed train split differs)
             inputs = [c for c in split.column_names if c in MODEL_INPUTS]
             dataset[name] = split.select_columns(inputs)
-        model, report, tokenizer, collator, compute_metrics, task_type = task_setup(
-            config, data, dataset
-        )
+        model, report, tokenizer, collator, compute_metrics, task_type = task_setup(config, data)
         device = pick_device(config.train)
         precision = pick_precision(config.train, device)
         adapter_dir = stage_dir(config, run_id, "adapter")

@@ -352,3 +352,18 @@ def test_a_template_that_rejects_a_record_is_a_clear_error(tmp_path, llama_dir, 
     with pytest.raises(DataError, match="cannot be formatted with the chat template") as info:
         prepare_data(config, start_pipeline_run(config))
     assert "system messages are not supported" in str(info.value)
+
+
+def test_a_test_split_emptied_by_leakage_is_an_error(tmp_path, llama_dir):
+    from tasks.causal.data import build_conversation_splits
+    from tasks.errors import DataError
+
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    lines = [json.dumps({"prompt": f"question {i}", "response": f"answer {i}"}) for i in range(6)]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(lines[:2]) + "\n")  # all seen in train
+    config = causal_config(tmp_path, llama_dir, folder)
+    config.data.split.validation = 0.0
+    with pytest.raises(DataError, match="the test split is empty after cleaning"):
+        build_conversation_splits(config.data)

@@ -39,8 +39,8 @@ from tasks.prepare_data import (
     PreparedData,
     content_sha256,
     find_split_files,
+    finish_splits,
     load_frame,
-    remove_leakage,
 )
 from tasks.storage import stage_dir
 from tasks.tracking import connect, log_folder, log_metrics, redact, set_tags, stage_timer
@@ -110,17 +110,7 @@ def build_conversation_splits(data: DataConfig):
         splits[name] = frame.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
         dropped["blank"] += blank
         dropped["duplicates"] += before - len(splits[name])
-    if "all" in splits:
-        rest, splits["test"] = random_split(splits.pop("all"), data.split.test, data.seed)
-        splits["train"] = rest
-        if data.split.validation > 0:
-            share = data.split.validation / (1.0 - data.split.test)
-            splits["train"], splits["validation"] = random_split(rest, share, data.seed)
-    else:
-        for name, share in (("test", data.split.test), ("validation", data.split.validation)):
-            if name not in splits and share > 0:
-                splits["train"], splits[name] = random_split(splits["train"], share, data.seed)
-    dropped["leaked"] = remove_leakage(splits)
+    dropped["leaked"] = finish_splits(splits, data, random_split)
     return splits, dropped, content_sha256(list(files.values()))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-IGNORE_INDEX = -100  # label of prompt (and padding) tokens: no loss there
+from tasks.causal.formatting import IGNORE_INDEX
 
 
 def pad_id(tokenizer) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
 from tasks.causal.data import load_data_tokenizer, load_split
-from tasks.causal.generation import first_step_logits
+from tasks.causal.generation import eos_ids, first_step_logits
 from tasks.causal.modeling import load_adapted_causal_lm, load_causal_lm
 from tasks.config import PipelineConfig
 from tasks.errors import ModelError
@@ -44,11 +44,8 @@ def max_abs_diff_all(first: list[np.ndarray], second: list[np.ndarray]) -> float
 def generation_config_for(model, tokenizer) -> GenerationConfig:
     """The base's generation config, with pad and the tokenizer's eos added to the stop ids."""
     generation = model.generation_config
-    eos = generation.eos_token_id
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if tokenizer.eos_token_id not in eos_ids:
-        eos_ids.append(tokenizer.eos_token_id)
-    generation.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    stop_ids = eos_ids(model, tokenizer)
+    generation.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
     if generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id
     return generation
