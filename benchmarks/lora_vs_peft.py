@@ -69,11 +69,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "lora_core"))  # the PEFT config translation the tests use
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import peft  # noqa: E402
 import torch  # noqa: E402
+from lora_helpers import peft_config  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import (  # noqa: E402
     DataCollatorWithPadding,
@@ -125,22 +127,6 @@ class CpuMeter:
 # models and data
 
 
-def peft_config(cfg: LoraConfig) -> peft.LoraConfig:
-    """PEFT's config for the same LoRA (plain LoRA options only, as lora_core supports)."""
-    return peft.LoraConfig(
-        task_type="SEQ_CLS",
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        exclude_modules=cfg.exclude_modules,
-        modules_to_save=cfg.modules_to_save,
-        use_rslora=cfg.use_rslora,
-        init_lora_weights=True if cfg.init == "default" else cfg.init,
-        bias=cfg.bias,
-    )
-
-
 def build_pair(base: torch.nn.Module, cfg: LoraConfig, randomize_b: bool = False):
     """(lora_core model, peft model) on copies of `base`, holding identical LoRA/head weights."""
     ours = copy.deepcopy(base)
@@ -150,7 +136,7 @@ def build_pair(base: torch.nn.Module, cfg: LoraConfig, randomize_b: bool = False
             for name, p in ours.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg, task_type="SEQ_CLS"))
     result = peft.set_peft_model_state_dict(theirs, lora_state_dict(ours))
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"peft did not take keys {result.unexpected_keys[:5]}")
@@ -422,7 +408,9 @@ def make_trainer(
         disable_tqdm=True,
     )
     if arm == "peft":
-        model = peft.get_peft_model(model, peft_config(lora_config(config.lora)))
+        model = peft.get_peft_model(
+            model, peft_config(lora_config(config.lora), task_type="SEQ_CLS")
+        )
         args = plain_args
     else:
         inject_lora(model, lora_config(config.lora))

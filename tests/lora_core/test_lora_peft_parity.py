@@ -9,10 +9,9 @@ from __future__ import annotations
 import copy
 import warnings
 
-import peft
 import pytest
 import torch
-from lora_helpers import MODELS, input_ids, logits, randomize_trainable
+from lora_helpers import MODELS, input_ids, logits, peft_config, randomize_trainable
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from lora_core import (
@@ -80,21 +79,6 @@ CASES = {
 }
 
 
-def peft_config(cfg: LoraConfig, model_name: str) -> peft.LoraConfig:
-    return peft.LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        exclude_modules=cfg.exclude_modules,
-        modules_to_save=cfg.modules_to_save,
-        use_rslora=cfg.use_rslora,
-        init_lora_weights=True if cfg.init == "default" else cfg.init,
-        bias=cfg.bias,
-        fan_in_fan_out=model_name == "gpt2",
-    )
-
-
 def peft_only(key: str) -> bool:
     """Keys peft writes for its ModulesToSaveWrapper internals under bias='all' (see io.py)."""
     return ".modules_to_save." in key or ".original_module." in key
@@ -122,7 +106,9 @@ def test_matches_peft(case: str, bases: dict, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # 1. same weights, same logits; same key set as peft's own state dict
-        theirs = get_peft_model(copy.deepcopy(base), peft_config(cfg, model_name))
+        theirs = get_peft_model(
+            copy.deepcopy(base), peft_config(cfg, fan_in_fan_out=model_name == "gpt2")
+        )
         ours_sd = lora_state_dict(ours)
         assert set(ours_sd) == {k for k in get_peft_model_state_dict(theirs) if not peft_only(k)}
         result = set_peft_model_state_dict(theirs, ours_sd)
