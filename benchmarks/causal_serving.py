@@ -2,7 +2,7 @@
 
 There is no real decoder to download here, so the model is a random-weight Qwen2-architecture
 decoder of a chosen width and depth (default: hidden 512, 6 layers, 8 heads / 2 KV heads, MLP
-1408) with a byte-level BPE tokenizer trained on the demo texts (tests/causal_helpers.py). The
+1408) with a byte-level BPE tokenizer trained on the demo texts (testkit/tiny.py). The
 pipeline's own stages run on it with the demo routing chats: LoRA training for --steps steps,
 merge, export with KV cache, the quantize stage with its default gates (each dynamic int8
 variant scored against fp32: agreement of greedy answers, perplexity, decode ms per token; the
@@ -18,26 +18,17 @@ trained random model say little about a real one.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
+from flows.retrain import run_stages
+from tasks.common.config import apply_overrides, config_from_dict
+from tasks.common.tracking import Tracking, start_pipeline_run
+from testkit.tiny import SIZES, build_tiny_decoder
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-decoder builder the tests use
-
-import pandas as pd  # noqa: E402
-from causal_helpers import SIZES, build_tiny_decoder  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from tasks.config import apply_overrides, config_from_dict  # noqa: E402
-from tasks.export_onnx import export_onnx  # noqa: E402
-from tasks.merge import merge  # noqa: E402
-from tasks.prepare_data import prepare_data  # noqa: E402
-from tasks.quantize import quantize  # noqa: E402
-from tasks.serve_check import serve_check  # noqa: E402
-from tasks.tracking import start_pipeline_run  # noqa: E402
-from tasks.train_lora import train_lora  # noqa: E402
 
 
 def main() -> None:
@@ -78,13 +69,9 @@ def main() -> None:
     config = config_from_dict(apply_overrides(tree, args.overrides))
 
     run_id = start_pipeline_run(config)
-    data = prepare_data(config, run_id)
-    merged = merge(config, data, train_lora(config, data, run_id), run_id)
-    onnx = export_onnx(config, data, merged, run_id)
-    quantized = quantize(config, data, onnx, run_id)
-    served = serve_check(config, data, quantized, merged, run_id)
-
-    metrics = MlflowClient().get_run(run_id).data.metrics
+    out = run_stages(config, run_id, until="serve_check")
+    quantized, served = out.quantized, out.served
+    metrics = Tracking.connect(config.tracking).client.get_run(run_id).data.metrics
     fp32_ms = metrics["quantize.fp32.ms_per_token"]
     print(
         f"\nmodel: Qwen2 architecture, random weights + {args.steps} LoRA steps, hidden "
@@ -102,7 +89,8 @@ def main() -> None:
     for c in quantized.candidates:
         print(
             f"{c.name:<22}{c.p50_ms:>10.2f}{c.p50_ms / fp32_ms:>9.3f}"
-            f"{c.token_agreement:>11.3f}{c.perplexity:>10.2f}{c.size_mb:>8.1f}"
+            f"{c.scores['token_agreement']:>11.3f}{c.scores['perplexity']:>10.2f}"
+            f"{c.size_mb:>8.1f}"
         )
     t = served.timings
     print(f"\nserved variant: {quantized.variant} ({quantized.reason})")

@@ -33,7 +33,7 @@ What is measured
    Figure: median of the per-repetition ratios (the two timed back to back, order alternating).
 4. Training stage (`train_tokens_per_second_ratio`): real (non-pad, attention_mask == 1) tokens
    fed to the model / time spent training (from the first step to the end of the last) for
-     A. our train stage: lora_core + Trainer with tasks.train_lora.training_arguments (so
+     A. our train stage: lora_core + Trainer with tasks.common.training.training_arguments (so
         group_by_length=True) + DataCollatorWithPadding, evaluation switched off;
      B. plain PEFT + Trainer with default settings (random order, group_by_length=False,
         DataCollatorWithPadding), same epochs/steps, batch size, learning rate, warm-up, weight
@@ -59,7 +59,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -67,15 +66,11 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "lora_core"))  # the PEFT config translation the tests use
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import peft  # noqa: E402
 import torch  # noqa: E402
-from lora_helpers import peft_config  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import (  # noqa: E402
     DataCollatorWithPadding,
@@ -88,10 +83,12 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from lora_core import LoraConfig, inject_lora, lora_state_dict, merge_lora, unload_lora  # noqa: E402
-from tasks.config import PipelineConfig, load_config  # noqa: E402
-from tasks.modeling import load_classifier, lora_config, resolve_model_path  # noqa: E402
-from tasks.prepare_data import build_splits, check_labels, tokenize  # noqa: E402
-from tasks.train_lora import MODEL_INPUTS, training_arguments  # noqa: E402
+from lora_core.peft_format import to_peft_fields  # noqa: E402
+from tasks.classification.data import build_splits, check_labels, tokenize  # noqa: E402
+from tasks.classification.modeling import load_classifier  # noqa: E402
+from tasks.common.config import PipelineConfig, load_config  # noqa: E402
+from tasks.common.models import lora_config, resolve_model_path  # noqa: E402
+from tasks.common.training import MODEL_INPUTS, training_arguments  # noqa: E402
 
 ENGINES = ("lora_core", "peft")
 
@@ -136,7 +133,9 @@ def build_pair(base: torch.nn.Module, cfg: LoraConfig, randomize_b: bool = False
             for name, p in ours.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config(cfg, task_type="SEQ_CLS"))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(**to_peft_fields(cfg), task_type="SEQ_CLS")
+    )
     result = peft.set_peft_model_state_dict(theirs, lora_state_dict(ours))
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"peft did not take keys {result.unexpected_keys[:5]}")
@@ -385,7 +384,7 @@ def make_trainer(
     """Arm lora_core: our train stage's setup; peft: PEFT + Trainer defaults; lora_core_plain:
     lora_core with the peft arm's Trainer settings."""
     set_seed(config.train.seed)
-    torch.manual_seed(0)  # the new head's init, as tasks.modeling.build_lora_model
+    torch.manual_seed(0)  # the new head's init, as tasks.classification.modeling.build_lora_model
     model = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
     ours_args = training_arguments(config, out_dir / arm, "cpu", "fp32")
     # no eval set here, and no checkpoint writes inside the timed steps
@@ -409,7 +408,7 @@ def make_trainer(
     )
     if arm == "peft":
         model = peft.get_peft_model(
-            model, peft_config(lora_config(config.lora), task_type="SEQ_CLS")
+            model, peft.LoraConfig(**to_peft_fields(lora_config(config.lora)), task_type="SEQ_CLS")
         )
         args = plain_args
     else:

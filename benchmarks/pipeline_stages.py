@@ -12,7 +12,6 @@ start-up is timed separately with an empty flow, since a deployed worker does no
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,21 +19,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
+from flows.retrain import STAGE_NAMES, retrain_flow
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flows.retrain import retrain_flow  # noqa: E402
-
-STAGES = (
-    "prepare_data",
-    "train_lora",
-    "evaluate",
-    "merge",
-    "export_onnx",
-    "quantize",
-    "serve_check",
-    "register",
-)
 
 
 @flow(name="noop")
@@ -69,7 +56,7 @@ def main() -> None:
     flow_wall = time.perf_counter() - start
 
     metrics = MlflowClient(uri).get_run(result["run_id"]).data.metrics
-    stages = {name: metrics[f"stage_seconds.{name}"] for name in STAGES}
+    stages = {name: metrics[f"stage_seconds.{name}"] for name in STAGE_NAMES}
     stage_sum = sum(stages.values())
     overhead = flow_wall - stage_sum
 

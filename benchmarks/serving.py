@@ -16,26 +16,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flows.retrain import run_stages
+from tasks.classification.data import label_names, load_split
+from tasks.classification.modeling import load_classifier
+from tasks.classification.serve_check import time_engines
+from tasks.common.config import load_config
+from tasks.common.models import load_tokenizer
+from tasks.common.onnx import ONNX_FILE, SERVED_FILE, open_session
+from tasks.common.stage import StageContext
+from tasks.common.tracking import Tracking, start_pipeline_run
 
-from tasks.config import load_config  # noqa: E402
-from tasks.evaluate import load_test_split  # noqa: E402
-from tasks.export_onnx import ONNX_FILE, export_onnx  # noqa: E402
-from tasks.merge import merge  # noqa: E402
-from tasks.modeling import load_classifier, load_tokenizer  # noqa: E402
-from tasks.onnx_runtime import open_session  # noqa: E402
-from tasks.prepare_data import prepare_data  # noqa: E402
-from tasks.quantize import SERVED_FILE, quantize  # noqa: E402
-from tasks.serve_check import time_engines  # noqa: E402
-from tasks.tracking import start_pipeline_run  # noqa: E402
-from tasks.train_lora import train_lora  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -59,20 +55,20 @@ def main() -> None:
     )
 
     run_id = start_pipeline_run(config)
-    data = prepare_data(config, run_id)
-    merged = merge(config, data, train_lora(config, data, run_id), run_id)
-    onnx = export_onnx(config, data, merged, run_id)
-    quantized = quantize(config, data, onnx, run_id)
+    out = run_stages(config, run_id, until="quantize")
+    data, merged, onnx, quantized = out.data, out.merged, out.onnx, out.quantized
+    stage = StageContext(config, Tracking.connect(config.tracking).run(run_id), "bench", 0.0)
 
     threads = config.serve.num_threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    session = open_session(quantized.model.fetch() / SERVED_FILE, "cpu", threads)
-    torch_model = load_classifier(str(merged.model.fetch()), data.label_names).eval()
-    texts = load_test_split(data)["text"]
+    session = open_session(stage.fetch(quantized.model) / SERVED_FILE, "cpu", threads)
+    names = label_names(stage, data)
+    torch_model = load_classifier(str(stage.fetch(merged.model)), names).eval()
+    texts = load_split(stage, data, "test")["text"]
     t = time_engines(config, session, torch_model, load_tokenizer(config.model), texts)
 
-    fp32_mb = (onnx.model.fetch() / ONNX_FILE).stat().st_size / 2**20
-    served_mb = (quantized.model.fetch() / SERVED_FILE).stat().st_size / 2**20
+    fp32_mb = (stage.fetch(onnx.model) / ONNX_FILE).stat().st_size / 2**20
+    served_mb = (stage.fetch(quantized.model) / SERVED_FILE).stat().st_size / 2**20
     latency_ratio = t["serve.onnx.batch1_p50_ms"] / t["serve.torch.batch1_p50_ms"]
     throughput_ratio = t["serve.onnx.batch32_per_second"] / t["serve.torch.batch32_per_second"]
     drop_points = 100 * (quantized.fp32_score - quantized.served_score)
@@ -82,7 +78,8 @@ def main() -> None:
     print(f"{'fp32 (onnx)':<22}{quantized.fp32_score:>10.4f}{1.0:>11.4f}{'':>9}{fp32_mb:>8.1f}")
     for c in quantized.candidates:
         print(
-            f"{c.name:<22}{c.accuracy:>10.4f}{c.top1_agreement:>11.4f}{c.p50_ms:>9.2f}"
+            f"{c.name:<22}{c.scores['accuracy']:>10.4f}{c.scores['top1_agreement']:>11.4f}"
+            f"{c.p50_ms:>9.2f}"
             f"{c.size_mb:>8.1f}{'pass' if c.passed else 'FAIL':>7}"
         )
     print(

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from tasks.errors import PipelineError
+from tasks.common.errors import PipelineError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            from tasks.config import load_config
+            from tasks.common.config import load_config
 
             config = load_config(args.config, args.overrides)
             print(json.dumps(config.model_dump(mode="json"), indent=2))

@@ -7,17 +7,17 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.config import load_config
-from tasks.errors import PipelineError
-from tasks.registry import promote, rollback
-from tasks.tracking import connect
+from tasks.common.config import load_config
+from tasks.common.errors import PipelineError
+from tasks.common.registry import promote, rollback
+from tasks.common.tracking import Tracking
 
 
 def move_production_alias(
     model_name: str, action: str, version: str | None, config_path: str, force: bool = False
 ) -> dict:
     """Promote `version` (refusing failed gates unless forced) or roll back to the previous one."""
-    client, _ = connect(load_config(config_path).tracking)
+    client = Tracking.connect(load_config(config_path).tracking).client
     if action == "rollback":
         moved_from, moved_to = rollback(client, model_name)
     elif action == "promote":

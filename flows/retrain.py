@@ -1,29 +1,51 @@
-"""The retrain flow: prepare, train, evaluate, merge, export, quantize, serve-check, register."""
+"""The retrain flow: prepare, train, evaluate, merge, export, quantize, serve-check, register.
+
+STAGES is the one order of the stages; `run_stages` runs it (as Prefect tasks in the flow, as
+plain functions in tests and benchmarks) and returns every stage's record.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 from prefect import flow, get_run_logger
 
 from flows.train import train_on_deployment
-from tasks.config import PipelineConfig, load_config
-from tasks.evaluate import evaluate_task
-from tasks.export_onnx import export_onnx_task
-from tasks.fingerprint import KEY_TAG, pipeline_key, previous_run
-from tasks.merge import merge_task
-from tasks.prepare_data import PreparedData, prepare_data_task
-from tasks.quantize import quantize_task
-from tasks.register import register_task
-from tasks.serve_check import serve_check_task
-from tasks.tracking import (
+from tasks import stages
+from tasks.common.config import PipelineConfig, load_config
+from tasks.common.fingerprint import KEY_TAG, pipeline_key, previous_run
+from tasks.common.tracking import (
+    Tracking,
     end_pipeline_run,
-    log_metrics,
     reopen_pipeline_run,
     start_pipeline_run,
 )
-from tasks.train_lora import TrainedAdapter, train_lora_task
+from tasks.records import PipelineOutputs, PreparedData, TrainedAdapter
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its function in tasks.stages, the PipelineOutputs field it fills, and the
+    fields it takes (in order, between the config and the run id)."""
+
+    name: str
+    output: str
+    inputs: tuple[str, ...]
+
+
+STAGES = (
+    Stage("prepare_data", "data", ()),
+    Stage("train_lora", "trained", ("data",)),
+    Stage("evaluate", "evaluation", ("data", "trained")),
+    Stage("merge", "merged", ("data", "trained")),
+    Stage("export_onnx", "onnx", ("data", "merged")),
+    Stage("quantize", "quantized", ("data", "onnx")),
+    Stage("serve_check", "served", ("data", "quantized", "merged")),
+    Stage("register", "registration", ("data", "evaluation", "quantized", "served", "gates")),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 
 @dataclass(frozen=True)
@@ -44,11 +66,30 @@ class RetrainResult:
     served_score: float
 
 
-def train(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
+def train_task(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
     """In this process, or on the deployment `train.deployment` (e.g. lora-train/gpu)."""
     if config.train.deployment:
         return train_on_deployment(config, data, run_id)
-    return train_lora_task(config, data, run_id)
+    return stages.train_lora_task(config, data, run_id)
+
+
+def stage_function(name: str, as_tasks: bool) -> Callable:
+    """The stage as a Prefect task (training maybe on its deployment), or as a plain function."""
+    if not as_tasks:
+        return getattr(stages, name)
+    return train_task if name == "train_lora" else getattr(stages, f"{name}_task")
+
+
+def run_stages(
+    config: PipelineConfig, run_id: str, as_tasks: bool = False, until: str = STAGE_NAMES[-1]
+) -> PipelineOutputs:
+    """Run STAGES in order, up to and including `until`; every stage's record."""
+    out = PipelineOutputs()
+    for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
+        inputs = [getattr(out, field) for field in stage.inputs]
+        result = stage_function(stage.name, as_tasks)(config, *inputs, run_id)
+        out = replace(out, **{stage.output: result})
+    return out
 
 
 def run_pipeline(
@@ -65,20 +106,14 @@ def run_pipeline(
     else:
         run_id = start_pipeline_run(config, extra_tags={KEY_TAG: key} if key else None)
     try:
-        data = prepare_data_task(config, run_id)
-        trained = train(config, data, run_id)
-        evaluation = evaluate_task(config, data, trained, run_id)
-        merged = merge_task(config, data, trained, run_id)
-        onnx = export_onnx_task(config, data, merged, run_id)
-        quantized = quantize_task(config, data, onnx, run_id)
-        served = serve_check_task(config, data, quantized, merged, run_id)
-        gates = [merged.parity, *onnx.gates, *quantized.gates]
-        registration = register_task(config, data, evaluation, quantized, served, gates, run_id)
+        out = run_stages(config, run_id, as_tasks=True)
     except BaseException:
         end_pipeline_run(run_id, config, "FAILED")
         raise
-    log_metrics(run_id, {"pipeline.wall_seconds": time.perf_counter() - start})
+    run = Tracking.connect(config.tracking).run(run_id)
+    run.log_metrics({"pipeline.wall_seconds": time.perf_counter() - start})
     end_pipeline_run(run_id, config, "FINISHED")
+    registration = out.registration
     return RetrainResult(
         run_id=run_id,
         model_name=registration.model_name,
@@ -86,8 +121,8 @@ def run_pipeline(
         promoted=registration.promoted,
         reason=registration.reason,
         metric=config.registry.metric,
-        test_score=evaluation.metrics[config.registry.metric],
-        served_score=served.metrics[config.registry.metric],
+        test_score=out.evaluation.metrics[config.registry.metric],
+        served_score=out.served.metrics[config.registry.metric],
     )
 
 
@@ -104,7 +139,7 @@ def retrain_flow(
     """
     config = load_config(config_path, overrides)
     key = pipeline_key(config)
-    previous = previous_run(config, key)
+    previous = previous_run(Tracking.connect(config.tracking), key)
     if previous is not None and previous.finished and not force:
         reason = (
             f"nothing new to train: run {previous.run_id} already trained this data and "

@@ -19,11 +19,11 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from tasks.config import PipelineConfig, config_from_dict
-from tasks.errors import ConfigError, TrainingError
-from tasks.prepare_data import PreparedData
-from tasks.tracking import ArtifactRef, connect, log_json, set_tags, tracking_uri
-from tasks.train_lora import TrainedAdapter, train_lora_task
+from tasks.common.config import PipelineConfig, config_from_dict
+from tasks.common.errors import ConfigError, TrainingError
+from tasks.common.tracking import ArtifactRef, Tracking, prefect_flow_run_id, redact
+from tasks.records import PreparedData, TrainedAdapter
+from tasks.stages import train_lora_task
 
 # Where the training flow writes on its worker. Unset: the config's output_dir. A folder
 # other than the pipeline's makes the worker download its inputs from the artifact store.
@@ -35,7 +35,6 @@ def data_parameters(data: PreparedData) -> dict[str, Any]:
     """PreparedData as plain values: the tokenized data is named by its artifact path."""
     return {
         "dataset_artifact_path": data.dataset.artifact_path,
-        "label_names": list(data.label_names),
         "rows": dict(data.rows),
         "content_sha256": data.content_sha256,
         "dropped": dict(data.dropped),
@@ -48,7 +47,6 @@ def data_from_parameters(data: dict[str, Any], run_id: str, output_dir: str) -> 
     local = Path(output_dir) / run_id / Path(artifact_path).name
     return PreparedData(
         dataset=ArtifactRef(run_id=run_id, artifact_path=artifact_path, local_path=str(local)),
-        label_names=list(data["label_names"]),
         rows=dict(data["rows"]),
         content_sha256=data["content_sha256"],
         dropped=dict(data.get("dropped", {})),
@@ -77,22 +75,15 @@ def trained_from_record(record: dict[str, Any], run_id: str, output_dir: str) ->
     )
 
 
-def _require_run(config: PipelineConfig, run_id: str) -> None:
-    client, _ = connect(config.tracking)
+def _require_run(tracking: Tracking, run_id: str) -> None:
     try:
-        client.get_run(run_id)
+        tracking.client.get_run(run_id)
     except MlflowException as exc:
         raise ConfigError(
-            f"MLflow run {run_id} not found at {tracking_uri(config.tracking)}: this worker "
+            f"MLflow run {run_id} not found at {redact(tracking.uri)}: this worker "
             f"must use the pipeline's tracking server (set MLFLOW_TRACKING_URI on the worker, "
             f"or tracking.uri in the config)"
         ) from exc
-
-
-def _current_flow_run_id() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id or "none")
 
 
 @flow(name="lora-train", log_prints=True)
@@ -107,13 +98,15 @@ def train_flow(
     pipeline_config = config_from_dict(config, source="lora-train parameter `config`")
     local_dir = output_dir or os.environ.get(WORKER_OUTPUT_DIR_ENV) or pipeline_config.output_dir
     pipeline_config = pipeline_config.model_copy(update={"output_dir": local_dir})
-    _require_run(pipeline_config, run_id)
+    tracking = Tracking.connect(pipeline_config.tracking)
+    _require_run(tracking, run_id)
     prepared = data_from_parameters(data, run_id, local_dir)
     trained = train_lora_task(pipeline_config, prepared, run_id)
-    flow_run_id = _current_flow_run_id()
+    flow_run_id = prefect_flow_run_id()
     record = trained_record(trained, flow_run_id)
-    log_json(run_id, record, RESULT_ARTIFACT)
-    set_tags(run_id, {"train.prefect_flow_run_id": flow_run_id})
+    run = tracking.run(run_id)
+    run.log_json(record, RESULT_ARTIFACT)
+    run.set_tags({"train.prefect_flow_run_id": flow_run_id})
     get_run_logger().info(
         "run %s: trained on %s (%s), %d steps; adapter logged as %s",
         run_id,
@@ -157,8 +150,10 @@ def train_on_deployment(config: PipelineConfig, data: PreparedData, run_id: str)
             f"{state_name}" + (f": {message}" if message else "") + "; see its logs in the "
             "Prefect UI"
         )
+    run = Tracking.connect(config.tracking).run(run_id)
     try:
-        record = load_dict(f"runs:/{run_id}/{RESULT_ARTIFACT}")
+        with run.tracking.fluent():
+            record = load_dict(f"runs:/{run_id}/{RESULT_ARTIFACT}")
     except MlflowException as exc:
         raise TrainingError(
             f"training flow run {child.name!r} completed but run {run_id} has no "
@@ -166,6 +161,6 @@ def train_on_deployment(config: PipelineConfig, data: PreparedData, run_id: str)
             f"MLFLOW_TRACKING_URI on the {name!r} workers)"
         ) from exc
     trained = trained_from_record(record, run_id, config.output_dir)
-    adapter_dir = trained.adapter.fetch()
+    adapter_dir = run.fetch(trained.adapter)
     logger.info("adapter of run %s from flow run %s is in %s", run_id, child.name, adapter_dir)
     return trained

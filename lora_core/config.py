@@ -81,7 +81,7 @@ class LoraConfig:
                     f"lora.modules_to_save must be a list of module names, got {mts!r}: e.g. "
                     "['classifier']"
                 )
-            self.modules_to_save = list(mts)
+            self.modules_to_save = list(mts) or None  # [] and None both mean none
         if not isinstance(self.use_rslora, bool):
             raise LoraError(f"lora.use_rslora must be true or false, got {self.use_rslora!r}")
         if self.init not in INITS:

@@ -29,6 +29,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig, LoraError
 from .layers import LoraLayer
 from .model import _within, get_lora_config, inject_lora, lora_layers, name_matches, unload_lora
+from .peft_format import from_peft_fields, to_peft_fields
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -113,22 +114,14 @@ def _peft_config_dict(
         if config.target_modules == ALL_LINEAR
         else config.target_modules
     )
-    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     return {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "r": config.r,
-        "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
+        **to_peft_fields(config),
         "target_modules": targets,
-        "exclude_modules": config.exclude_modules,
-        "modules_to_save": config.modules_to_save,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": True if config.init == "default" else config.init,
-        "bias": config.bias,
         "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -190,26 +183,13 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
                 "only)"
             )
     init = raw.get("init_lora_weights", True)
-    if init is False:
-        init = True  # "no init" only matters before weights are loaded, which they are
-    if init not in (True, "gaussian"):
+    if init not in (True, False, "gaussian"):  # False: "no init", moot once weights load
         raise LoraError(
             f"{path} sets init_lora_weights={init!r}: lora_core supports true (default) and "
             "'gaussian'"
         )
-    targets = raw.get("target_modules")
     try:
-        return LoraConfig(
-            r=raw.get("r", 8),
-            alpha=raw.get("lora_alpha", 8),
-            dropout=raw.get("lora_dropout", 0.0),
-            target_modules=targets,
-            exclude_modules=raw.get("exclude_modules") or None,
-            modules_to_save=raw.get("modules_to_save") or None,
-            use_rslora=raw.get("use_rslora", False),
-            init="default" if init is True else init,
-            bias=raw.get("bias", "none"),
-        )
+        return LoraConfig(**from_peft_fields(raw))
     except LoraError as e:
         raise LoraError(f"{path}: {e}") from None
 

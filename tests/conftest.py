@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from testkit.tiny import build_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,31 +23,6 @@ for _name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CSV = ROOT / "data" / "demo" / "support_tickets.csv"
-
-
-def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
-    """A 2-layer BERT (hidden 32) with random weights and a WordPiece vocab from `texts`."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = sorted({w for t in texts for w in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", t.lower())})
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.txt").write_text("\n".join(specials + words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(str(out_dir))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(specials) + len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-    )  # larger than BERT's 0.02: logits that depend on the input
-    BertModel(config).save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +82,7 @@ def tiny_config_dict(tmp: Path, model_dir: Path, data_path: Path) -> dict:
 @pytest.fixture(scope="session")
 def make_tiny_config(tiny_bert, small_csv):
     """Build a validated tiny config writing under a given folder (overrides merged in)."""
-    from tasks.config import apply_overrides, config_from_dict
+    from tasks.common.config import apply_overrides, config_from_dict
 
     def make(tmp: Path, overrides: list[str] = ()):
         return config_from_dict(
@@ -130,43 +107,46 @@ def pytest_sessionfinish(session, exitstatus):
         server.stop()
 
 
+def tracked(config, run_id: str, **records):
+    """A pipeline run for tests: its records, its store's client and helpers on one object."""
+    from types import SimpleNamespace
+
+    from tasks.common.stage import StageContext
+    from tasks.common.tracking import Tracking
+
+    tracking = Tracking.connect(config.tracking)
+    run = tracking.run(run_id)
+    return SimpleNamespace(
+        config=config,
+        run_id=run_id,
+        tracking=tracking,
+        client=tracking.client,
+        fetch=run.fetch,
+        text=lambda path: Path(tracking.client.download_artifacts(run_id, path)).read_text(),
+        stage=StageContext(config, run, "test", model_mb=0.0),  # for a kind's helpers
+        **records,
+    )
+
+
 @pytest.fixture
 def run(tiny_run):
-    """The session's tiny pipeline run, with MLflow pointed back at its store."""
-    from tasks.tracking import connect
-
-    connect(tiny_run.config.tracking)
+    """The session's tiny pipeline run (tests read it, never change it)."""
     return tiny_run
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, make_tiny_config):
     """Every stage once, in pipeline order, on the tiny BERT; tests read (not change) it."""
-    from types import SimpleNamespace
+    from dataclasses import fields
 
-    from tasks.evaluate import evaluate
-    from tasks.export_onnx import export_onnx
-    from tasks.merge import merge
-    from tasks.prepare_data import prepare_data
-    from tasks.quantize import quantize
-    from tasks.register import register
-    from tasks.serve_check import serve_check
-    from tasks.tracking import start_pipeline_run
-    from tasks.train_lora import train_lora
+    from flows.retrain import run_stages
+    from tasks.common.tracking import start_pipeline_run
 
     tmp = tmp_path_factory.mktemp("pipeline")
     config = make_tiny_config(tmp)
     run_id = start_pipeline_run(config)
-    out = SimpleNamespace(config=config, run_id=run_id, tmp=tmp)
-    out.data = prepare_data(config, run_id)
-    out.trained = train_lora(config, out.data, run_id)
-    out.evaluation = evaluate(config, out.data, out.trained, run_id)
-    out.merged = merge(config, out.data, out.trained, run_id)
-    out.onnx = export_onnx(config, out.data, out.merged, run_id)
-    out.quantized = quantize(config, out.data, out.onnx, run_id)
-    out.served = serve_check(config, out.data, out.quantized, out.merged, run_id)
-    out.gates = [out.merged.parity, *out.onnx.gates, *out.quantized.gates]
-    out.registration = register(
-        config, out.data, out.evaluation, out.quantized, out.served, out.gates, run_id
-    )
-    return out
+    out = run_stages(config, run_id)
+    records = {f.name: getattr(out, f.name) for f in fields(out)}
+    run = tracked(config, run_id, tmp=tmp, gates=out.gates, **records)
+    run.label_names = json.loads((run.fetch(out.data.dataset) / "label_names.json").read_text())
+    return run

@@ -9,7 +9,6 @@ from collections import Counter
 import pandas as pd
 import pytest
 import torch
-from causal_helpers import build_tiny_decoder
 from transformers import AutoTokenizer
 
 from tasks.causal.formatting import (
@@ -23,6 +22,7 @@ from tasks.causal.formatting import (
     render_prompt,
     segments,
 )
+from testkit.tiny import build_tiny_decoder
 
 USER_ONLY = [{"role": "user", "content": "Where is my parcel?"}]
 EXCHANGE = [*USER_ONLY, {"role": "assistant", "content": "Team: shipping"}]
@@ -156,7 +156,7 @@ def test_packing_keeps_examples_whole_and_apart(chatml):
 
 def test_packed_rows_do_not_attend_across_examples(llama_dir, chatml):
     from tasks.causal.modeling import build_causal_lora_model
-    from tasks.config import LoraSection, ModelConfig
+    from tasks.common.config import LoraSection, ModelConfig
 
     model, _ = build_causal_lora_model(
         ModelConfig(name_or_path=str(llama_dir)),
@@ -183,7 +183,7 @@ def test_packed_rows_do_not_attend_across_examples(llama_dir, chatml):
 
 
 def causal_config(tmp_path, model_dir, data_path, **data):
-    from tasks.config import config_from_dict
+    from tasks.common.config import config_from_dict
 
     return config_from_dict(
         {
@@ -209,20 +209,25 @@ def prompt_response_csv(path, demo_frame, n=60):
 
 
 def test_prepare_causal_data_splits_masks_and_packs(tmp_path, llama_dir, demo_frame):
+    from conftest import tracked
+
     from tasks.causal.data import load_data_tokenizer, load_split
-    from tasks.prepare_data import prepare_data
-    from tasks.tracking import start_pipeline_run
+    from tasks.common.tracking import start_pipeline_run
+    from tasks.stages import prepare_data
 
     path = prompt_response_csv(tmp_path / "pairs.csv", demo_frame)
     config = causal_config(tmp_path, llama_dir, path, packing=True)
-    data = prepare_data(config, start_pipeline_run(config))
+    run_id = start_pipeline_run(config)
+    data = prepare_data(config, run_id)
+    stage = tracked(config, run_id).stage
     assert data.dropped["blank"] == 1 and data.dropped["duplicates"] == 1
-    assert sum(data.rows.values()) == 60 and data.label_names == []
-    train, test = load_split(data, "train"), load_split(data, "test")
+    assert sum(data.rows.values()) == 60
+    assert not (stage.fetch(data.dataset) / "label_names.json").exists()  # no classes here
+    train, test = load_split(stage, data, "train"), load_split(stage, data, "test")
     assert set(train.column_names) == {"input_ids", "labels", "position_ids"}
     assert all(len(ids) == 96 for ids in train["input_ids"])
     row = test[0]
-    tokenizer = load_data_tokenizer(data)
+    tokenizer = load_data_tokenizer(stage, data)
     messages = json.loads(row["messages"])
     assert row["prompt"] == render_prompt(tokenizer, messages)
     assert row["reference"].startswith("Team: ")
@@ -233,9 +238,11 @@ def test_prepare_causal_data_splits_masks_and_packs(tmp_path, llama_dir, demo_fr
 def test_prepare_causal_data_reads_chat_jsonl_and_saves_the_default_template(
     tmp_path, gpt2_dir, demo_frame
 ):
+    from conftest import tracked
+
     from tasks.causal.data import load_data_tokenizer
-    from tasks.prepare_data import prepare_data
-    from tasks.tracking import start_pipeline_run
+    from tasks.common.tracking import start_pipeline_run
+    from tasks.stages import prepare_data
 
     path = tmp_path / "chats.jsonl"
     with path.open("w") as out:
@@ -243,8 +250,10 @@ def test_prepare_causal_data_reads_chat_jsonl_and_saves_the_default_template(
             messages = [{"role": "user", "content": text}, {"role": "assistant", "content": label}]
             out.write(json.dumps({"messages": messages}) + "\n")
     config = causal_config(tmp_path, gpt2_dir, path)
-    data = prepare_data(config, start_pipeline_run(config))
-    assert load_data_tokenizer(data).chat_template == DEFAULT_CHAT_TEMPLATE
+    run_id = start_pipeline_run(config)
+    data = prepare_data(config, run_id)
+    tokenizer = load_data_tokenizer(tracked(config, run_id).stage, data)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     assert sum(data.rows.values()) == 40
 
 
@@ -258,7 +267,7 @@ def test_prepare_causal_data_reads_chat_jsonl_and_saves_the_default_template(
 )
 def test_bad_records_are_clear_errors(tmp_path, llama_dir, content, message):
     from tasks.causal.data import build_conversation_splits
-    from tasks.errors import DataError
+    from tasks.common.errors import DataError
 
     path = tmp_path / "bad.jsonl"
     path.write_text(content * 3)
@@ -269,9 +278,9 @@ def test_bad_records_are_clear_errors(tmp_path, llama_dir, content, message):
 
 
 def test_prompts_longer_than_max_length_are_an_error(tmp_path, llama_dir, demo_frame):
-    from tasks.errors import DataError
-    from tasks.prepare_data import prepare_data
-    from tasks.tracking import start_pipeline_run
+    from tasks.common.errors import DataError
+    from tasks.common.tracking import start_pipeline_run
+    from tasks.stages import prepare_data
 
     path = prompt_response_csv(tmp_path / "pairs.csv", demo_frame)
     config = causal_config(tmp_path, llama_dir, path)
@@ -283,8 +292,8 @@ def test_prompts_longer_than_max_length_are_an_error(tmp_path, llama_dir, demo_f
 def test_gpu_config_file_is_valid_and_targets_attention_and_mlp():
     from pathlib import Path
 
-    from tasks.config import load_config
-    from tasks.modeling import resolve_model_path
+    from tasks.common.config import load_config
+    from tasks.common.models import resolve_model_path
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "causal_lm.yaml")
     assert config.task == "causal_lm" and config.train.gradient_checkpointing
@@ -305,8 +314,8 @@ def test_default_lora_targets_are_the_attention_and_mlp_projections(family, expe
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lora_core import inject_lora
-    from tasks.config import config_from_dict
-    from tasks.modeling import lora_config
+    from tasks.common.config import config_from_dict
+    from tasks.common.models import lora_config
 
     sizes = (
         {"n_embd": 32, "n_layer": 2, "n_head": 4}
@@ -330,9 +339,9 @@ def test_a_template_that_rejects_a_record_is_a_clear_error(tmp_path, llama_dir, 
     """Templates may raise (e.g. Mistral's on a system turn): the error names the example."""
     from transformers import AutoTokenizer
 
-    from tasks.errors import DataError
-    from tasks.prepare_data import prepare_data
-    from tasks.tracking import start_pipeline_run
+    from tasks.common.errors import DataError
+    from tasks.common.tracking import start_pipeline_run
+    from tasks.stages import prepare_data
 
     model_dir = tmp_path / "strict"
     shutil.copytree(llama_dir, model_dir)
@@ -356,7 +365,7 @@ def test_a_template_that_rejects_a_record_is_a_clear_error(tmp_path, llama_dir, 
 
 def test_a_test_split_emptied_by_leakage_is_an_error(tmp_path, llama_dir):
     from tasks.causal.data import build_conversation_splits
-    from tasks.errors import DataError
+    from tasks.common.errors import DataError
 
     folder = tmp_path / "splits"
     folder.mkdir()

@@ -10,7 +10,6 @@ import copy
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from causal_helpers import build_tiny_decoder  # noqa: E402
-
-from tasks.causal.generation import (  # noqa: E402
+from tasks.causal.generation import (
     IGNORE_INDEX,
     decode,
     first_step_logits,
@@ -32,10 +28,11 @@ from tasks.causal.generation import (  # noqa: E402
     response_nll,
     token_agreement,
 )
-from tasks.serving.onnx_causal_lm import OnnxCausalLM  # noqa: E402
+from tasks.causal.onnx_causal_lm import OnnxCausalLM
+from testkit.tiny import build_tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING_CODE = ROOT / "tasks" / "serving" / "onnx_causal_lm.py"
+SERVING_CODE = ROOT / "tasks" / "causal" / "onnx_causal_lm.py"
 SIMPLE_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -305,6 +302,9 @@ def test_pyfunc_through_mlflow(decoder, served_model, tmp_path):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array, Object, Property
 
+    from tasks.common.config import TrackingConfig
+    from tasks.common.tracking import Tracking
+
     folder = tmp_path / "model_dir"
     shutil.copytree(decoder.served_dir, folder)
     messages = Array(Object([Property("role", "string"), Property("content", "string")]))
@@ -317,8 +317,12 @@ def test_pyfunc_through_mlflow(decoder, served_model, tmp_path):
         ),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
     )
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
+    store = TrackingConfig(
+        uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="causal-pyfunc",
+        artifact_location=(tmp_path / "artifacts").as_uri(),
+    )
+    with Tracking.connect(store).fluent():
         experiment = mlflow.create_experiment(
             "causal", artifact_location=(tmp_path / "artifacts").as_uri()
         )
@@ -343,5 +347,3 @@ def test_pyfunc_through_mlflow(decoder, served_model, tmp_path):
             short, served_model.predict(None, frame, params={"max_new_tokens": 3})
         )
         assert (short["new_tokens"] <= 3).all()
-    finally:
-        mlflow.set_tracking_uri(None)

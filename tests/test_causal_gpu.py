@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from causal_helpers import build_tiny_decoder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_core import LoraConfig, inject_lora
 from tasks.causal.formatting import encode, pack
+from testkit.tiny import build_tiny_decoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -13,9 +12,9 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import yaml
-from causal_helpers import build_tiny_decoder
-from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
+
+from testkit.tiny import build_tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,44 +68,33 @@ def pairs_csv(tmp_path_factory, demo_frame) -> Path:
     return path
 
 
-def run_stages(config) -> SimpleNamespace:
-    from tasks.evaluate import evaluate
-    from tasks.export_onnx import export_onnx
-    from tasks.merge import merge
-    from tasks.prepare_data import prepare_data
-    from tasks.quantize import quantize
-    from tasks.register import register
-    from tasks.serve_check import serve_check
-    from tasks.tracking import start_pipeline_run
-    from tasks.train_lora import train_lora
+def run_all_stages(config):
+    from dataclasses import fields
+
+    from conftest import tracked
+
+    from flows.retrain import run_stages
+    from tasks.common.tracking import start_pipeline_run
 
     run_id = start_pipeline_run(config)
-    out = SimpleNamespace(config=config, run_id=run_id)
-    out.data = prepare_data(config, run_id)
-    out.trained = train_lora(config, out.data, run_id)
-    out.evaluation = evaluate(config, out.data, out.trained, run_id)
-    out.merged = merge(config, out.data, out.trained, run_id)
-    out.onnx = export_onnx(config, out.data, out.merged, run_id)
-    out.quantized = quantize(config, out.data, out.onnx, run_id)
-    out.served = serve_check(config, out.data, out.quantized, out.merged, run_id)
-    out.gates = [out.merged.parity, *out.onnx.gates, *out.quantized.gates]
-    out.registration = register(
-        config, out.data, out.evaluation, out.quantized, out.served, out.gates, run_id
+    out = run_stages(config, run_id)
+    run = tracked(
+        config, run_id, gates=out.gates, **{f.name: getattr(out, f.name) for f in fields(out)}
     )
-    out.metrics = MlflowClient().get_run(run_id).data.metrics
-    return out
+    run.metrics = run.client.get_run(run_id).data.metrics
+    return run
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, demo_frame, pairs_csv):
-    from tasks.config import config_from_dict
+    from tasks.common.config import config_from_dict
 
     tmp = tmp_path_factory.mktemp("causal-llama")
     model_dir = build_tiny_decoder(tmp / "model", list(demo_frame["text"]), "llama")
     config = config_from_dict(
         causal_config_dict(tmp, model_dir, pairs_csv, served_model_check=True)
     )
-    out = run_stages(config)
+    out = run_all_stages(config)
     out.tmp, out.model_dir = tmp, model_dir
     return out
 
@@ -114,20 +102,17 @@ def llama_run(tmp_path_factory, demo_frame, pairs_csv):
 @pytest.fixture(scope="module", params=["gpt2", "qwen2"])
 def other_family_run(request, tmp_path_factory, demo_frame, pairs_csv):
     """GPT-2 (Conv1D layers, no chat template) and Qwen2 (the family of configs/causal_lm.yaml)."""
-    from tasks.config import config_from_dict
+    from tasks.common.config import config_from_dict
 
     tmp = tmp_path_factory.mktemp(f"causal-{request.param}")
     model_dir = build_tiny_decoder(tmp / "model", list(demo_frame["text"]), request.param)
-    out = run_stages(config_from_dict(causal_config_dict(tmp, model_dir, pairs_csv)))
+    out = run_all_stages(config_from_dict(causal_config_dict(tmp, model_dir, pairs_csv)))
     out.family = request.param
     return out
 
 
 @pytest.fixture
 def llama(llama_run):
-    from tasks.tracking import connect
-
-    connect(llama_run.config.tracking)
     return llama_run
 
 
@@ -152,7 +137,7 @@ def test_every_gate_passes_with_its_value(llama):
         assert gates["quantized_perplexity_increase"].value == 0.0
     else:
         candidate = next(c for c in llama.quantized.candidates if c.name == chosen)
-        assert gates["quantized_token_agreement"].value == candidate.token_agreement
+        assert gates["quantized_token_agreement"].value == candidate.scores["token_agreement"]
     for name, gate in gates.items():
         assert llama.metrics[f"gate.{name}.value"] == pytest.approx(gate.value)
     assert llama.registration.promoted  # first version: no production to beat
@@ -167,14 +152,8 @@ def test_training_learns_the_responses(llama):
 
 
 def test_generations_table_is_logged(llama):
-    client = MlflowClient()
-    table = json.loads(
-        Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=llama.run_id, artifact_path="evaluation/generations.json"
-            )
-        ).read_text()
-    )
+    client = llama.client
+    table = json.loads(llama.text("evaluation/generations.json"))
     assert table["columns"][:4] == ["prompt", "reference", "candidate", "base"]
     assert len(table["data"]) == 16
     names = {f.path for f in client.list_artifacts(llama.run_id, "evaluation")}
@@ -197,14 +176,14 @@ def test_serve_check_times_first_token_and_decoding(llama):
         assert 0 < t[f"serve.{engine}.ttft_p50_ms"] <= t[f"serve.{engine}.ttft_p99_ms"]
         assert t[f"serve.{engine}.tokens_per_second"] > 0
     assert llama.served.provider == "CPUExecutionProvider"
-    plots = {f.path for f in MlflowClient().list_artifacts(llama.run_id, "plots")}
+    plots = {f.path for f in llama.client.list_artifacts(llama.run_id, "plots")}
     assert plots == {"plots/serving_latency.png"}
 
 
 def test_merged_folder_is_complete_for_serving_elsewhere(llama):
     from transformers import GenerationConfig
 
-    folder = llama.merged.model.fetch()
+    folder = llama.fetch(llama.merged.model)
     base_tokenizer = AutoTokenizer.from_pretrained(llama.model_dir)
     saved = AutoTokenizer.from_pretrained(folder)
     assert saved.chat_template == base_tokenizer.chat_template
@@ -219,10 +198,10 @@ def test_merged_folder_is_complete_for_serving_elsewhere(llama):
 
 def test_merge_refuses_a_folder_that_lost_its_chat_template(llama, tmp_path):
     from tasks.causal.merge import check_complete
-    from tasks.errors import ModelError
+    from tasks.common.errors import ModelError
 
     folder = tmp_path / "merged"
-    shutil.copytree(llama.merged.model.fetch(), folder)
+    shutil.copytree(llama.fetch(llama.merged.model), folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
@@ -234,19 +213,13 @@ def test_merge_refuses_a_folder_that_lost_its_chat_template(llama, tmp_path):
 
 
 def test_onnx_export_has_a_kv_cache(llama):
-    folder = llama.onnx.model.fetch()
+    folder = llama.fetch(llama.onnx.model)
     names = [i.name for i in ort.InferenceSession(str(folder / "model.onnx")).get_inputs()]
     assert "input_ids" in names and any(n.startswith("past_key_values") for n in names)
 
 
 def test_quantize_records_each_variant(llama):
-    choice = json.loads(
-        Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=llama.run_id, artifact_path="quantized/choice.json"
-            )
-        ).read_text()
-    )
+    choice = json.loads(llama.text("quantized/choice.json"))
     assert [c["name"] for c in choice["candidates"]] == [
         "dynamic_per_channel",
         "dynamic_per_tensor",
@@ -262,28 +235,19 @@ def test_quantize_records_each_variant(llama):
 
 def test_registered_version_serves_chat_requests(llama):
     name = llama.registration.model_name
-    version = MlflowClient().get_model_version(name, llama.registration.version)
+    version = llama.client.get_model_version(name, llama.registration.version)
     assert version.tags["task"] == "causal_lm"
-    model = mlflow.pyfunc.load_model(f"models:/{name}@production")
+    with llama.tracking.fluent():
+        model = mlflow.pyfunc.load_model(f"models:/{name}@production")
     answers = model.predict(
         pd.DataFrame({"prompt": ["Where is my parcel?"]}), params={"max_new_tokens": 3}
     )
     assert list(answers.columns) == ["text", "new_tokens", "finish_reason"]
     assert answers["new_tokens"][0] <= 3
-    report = json.loads(
-        Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=llama.run_id, artifact_path="promotion/report.json"
-            )
-        ).read_text()
-    )
+    report = json.loads(llama.text("promotion/report.json"))
     assert report["candidate_adapter_metrics"]["perplexity"] > 1
     assert report["candidate_served_metrics"] == llama.served.metrics
-    markdown = Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=llama.run_id, artifact_path="promotion/report.md"
-        )
-    ).read_text()
+    markdown = llama.text("promotion/report.md")
     assert "ROUGE-L" in markdown and "time to first token" in markdown
 
 
@@ -294,9 +258,9 @@ def test_gpt2_and_qwen2_families_run_every_stage(other_family_run):
     assert all(g.passed for g in run.registration.gates)
     assert run.metrics["gate.onnx_greedy_tokens_differing.value"] == 0
     assert run.metrics["test.loss"] < run.metrics["base.loss"]
-    tags = MlflowClient().get_run(run.run_id).data.tags
+    tags = run.client.get_run(run.run_id).data.tags
     targets = tags["lora.target_names"]
-    saved = AutoTokenizer.from_pretrained(run.merged.model.fetch())
+    saved = AutoTokenizer.from_pretrained(run.fetch(run.merged.model))
     if run.family == "gpt2":
         assert tags["data.chat_template"] == "default"
         assert "c_attn" in targets and "c_fc" in targets
@@ -319,7 +283,7 @@ def test_flow_retrains_and_compares_with_production(llama, monkeypatch):
     monkeypatch.chdir(ROOT)
     result = retrain_flow(config_path=str(config_path), overrides=["train.epochs=2"])
     assert result["status"] == "completed" and result["metric"] == "rouge_l"
-    metrics = MlflowClient().get_run(result["run_id"]).data.metrics
+    metrics = llama.client.get_run(result["run_id"]).data.metrics
     assert "production.rouge_l" in metrics and "production.exact_match" in metrics
     low = metrics["champion.rouge_l_delta_ci_low"]
     assert low <= metrics["champion.rouge_l_delta"] <= metrics["champion.rouge_l_delta_ci_high"]
@@ -332,17 +296,17 @@ def test_fp16_variant_of_the_kv_cache_graph_keeps_its_interface_and_answers(llam
     from tasks.causal.generation import greedy_new_tokens, token_agreement
     from tasks.causal.merge import probe_prompts
     from tasks.causal.modeling import open_causal_onnx
-    from tasks.quantize import convert_fp16
+    from tasks.common.onnx import convert_fp16
 
-    fp32_dir = llama.onnx.model.fetch()
+    fp32_dir = llama.fetch(llama.onnx.model)
     fp16_dir = tmp_path / "fp16"
     shutil.copytree(fp32_dir, fp16_dir)
     convert_fp16(fp32_dir / "model.onnx", fp16_dir / "model.onnx")
     sessions = [ort.InferenceSession(str(d / "model.onnx")) for d in (fp32_dir, fp16_dir)]
     interfaces = [[(i.name, i.type) for i in s.get_inputs()] for s in sessions]
     assert interfaces[0] == interfaces[1]  # fp32 inputs and past key/values kept
-    tokenizer = load_data_tokenizer(llama.data)
-    prompts = probe_prompts(llama.config, llama.data)
+    tokenizer = load_data_tokenizer(llama.stage, llama.data)
+    prompts = probe_prompts(llama.stage, llama.data)
     tokens = [
         greedy_new_tokens(open_causal_onnx(d, "model.onnx"), tokenizer, prompts, 16, 16)
         for d in (fp32_dir, fp16_dir)
@@ -370,7 +334,7 @@ def test_causal_training_on_the_gpu_deployment_travels_through_mlflow(
     monkeypatch.setattr(train_module, "run_deployment", runner)
     result = retrain_flow(config_path=str(config_path))
     assert result["status"] == "completed" and len(runner.calls) == 1
-    assert runner.calls[0]["parameters"]["data"]["label_names"] == []
+    assert "label_names" not in runner.calls[0]["parameters"]["data"]  # no classes in causal_lm
     worker = tmp_path / "worker" / result["run_id"]
     saved = AutoTokenizer.from_pretrained(worker / "adapter")
     assert saved.chat_template == DEFAULT_CHAT_TEMPLATE  # the template the data was formatted by

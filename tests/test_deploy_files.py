@@ -46,7 +46,7 @@ def test_prefect_deployments_load_their_flow_and_parameters(monkeypatch):
 
 
 def test_retrain_deployments_send_training_to_the_gpu_deployment(monkeypatch):
-    from tasks.config import load_config
+    from tasks.common.config import load_config
 
     monkeypatch.chdir(ROOT)
     deployments = _deployments()

@@ -10,7 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.retrain import retrain_flow
-from tasks.served_model import invoke, mlflow_models_serve
+from tasks.common.config import TrackingConfig
+from tasks.common.served_model import invoke, mlflow_models_serve
+from tasks.common.tracking import Tracking
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +100,9 @@ def test_served_model_answers_like_the_in_process_model(first_run, store):
     ]
     with mlflow_models_serve(f"models:/{MODEL}@production", store["uri"]) as url:
         answer = invoke(url, texts)
-    mlflow.set_tracking_uri(store["uri"])
-    local = mlflow.pyfunc.load_model(f"models:/{MODEL}@production").predict(
-        pd.DataFrame({"text": texts})
-    )
+    with Tracking.connect(TrackingConfig(uri=store["uri"])).fluent():
+        served = mlflow.pyfunc.load_model(f"models:/{MODEL}@production")
+    local = served.predict(pd.DataFrame({"text": texts}))
     assert [row["label"] for row in answer] == list(local["label"])
     assert [row["label"] for row in answer][:2] == ["billing", "shipping"]
     for row in answer:

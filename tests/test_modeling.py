@@ -7,10 +7,11 @@ import shutil
 import pytest
 from transformers import TrainingArguments
 
-from tasks.config import LoraSection, ModelConfig, TrainConfig
-from tasks.errors import ModelError, TrainingError
-from tasks.modeling import build_lora_model, load_adapted_model, resolve_model_path
-from tasks.train_lora import GuardedTrainer, pick_device, pick_precision
+from tasks.classification.modeling import build_lora_model, load_adapted_model
+from tasks.common.config import LoraSection, ModelConfig, TrainConfig
+from tasks.common.errors import ModelError, TrainingError
+from tasks.common.models import resolve_model_path
+from tasks.common.training import GuardedTrainer, pick_device, pick_precision
 
 
 def test_package_model_resolves_to_the_shipped_folder():

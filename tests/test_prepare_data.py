@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pandas as pd
 import pytest
 from datasets import load_from_disk
-from mlflow.tracking import MlflowClient
 
-from tasks.config import DataConfig
-from tasks.errors import DataError
-from tasks.prepare_data import build_splits, check_labels, prepare_data
-from tasks.tracking import start_pipeline_run
+from tasks.classification.data import build_splits, check_labels, label_names
+from tasks.common.config import DataConfig
+from tasks.common.errors import DataError
+from tasks.common.tracking import start_pipeline_run
+from tasks.stages import prepare_data
 
 
 def _rows(n_per_class: int, labels=("a", "b", "c")) -> pd.DataFrame:
@@ -90,30 +89,32 @@ def test_folder_without_test_file_carves_one_from_train(tmp_path):
 
 
 def test_prepare_data_tokenizes_without_padding_and_logs(tiny_config):
+    from conftest import tracked
+
     run_id = start_pipeline_run(tiny_config)
     prepared = prepare_data(tiny_config, run_id)
-    assert prepared.label_names == ["account", "billing", "shipping", "technical"]
+    run = tracked(tiny_config, run_id)
+    names = label_names(run.stage, prepared)
+    assert names == ["account", "billing", "shipping", "technical"]
     assert prepared.rows == {"train": 140, "validation": 20, "test": 40}
-    folder = prepared.dataset.fetch()
+    folder = run.fetch(prepared.dataset)
     dataset = load_from_disk(str(folder / "tokenized"))
     lengths = {len(ids) for ids in dataset["train"]["input_ids"]}
     assert len(lengths) > 5  # dynamic padding later: no padding to max length now
     assert max(lengths) <= tiny_config.data.max_length
     for row in dataset["test"].select(range(5)):
-        assert prepared.label_names[row["labels"]] == row["label"]
-    assert json.loads((folder / "label_names.json").read_text()) == prepared.label_names
+        assert names[row["labels"]] == row["label"]
+    assert json.loads((folder / "label_names.json").read_text()) == names
 
-    run = MlflowClient().get_run(run_id)
-    assert run.data.metrics["data.rows.train"] == 140
-    assert run.data.metrics["data.class_count.test.billing"] == 10
-    assert run.data.tags["data.content_sha256"] == prepared.content_sha256
-    contexts = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    logged = run.client.get_run(run_id)
+    assert logged.data.metrics["data.rows.train"] == 140
+    assert logged.data.metrics["data.class_count.test.billing"] == 10
+    assert logged.data.tags["data.content_sha256"] == prepared.content_sha256
+    contexts = {i.tags[0].value: i.dataset for i in logged.inputs.dataset_inputs}
     assert set(contexts) == {"train", "validation", "test"}
     assert all(ds.digest for ds in contexts.values())
-    assert "tokenized" in {
-        a.path.split("/")[-1] for a in MlflowClient().list_artifacts(run_id, "data")
-    }
-    assert mlflow.get_tracking_uri().startswith("sqlite:")
+    assert "tokenized" in {a.path.split("/")[-1] for a in run.client.list_artifacts(run_id, "data")}
+    assert run.tracking.uri.startswith("sqlite:")
 
 
 # ---- bad inputs: the exact message tells what, where and how to fix ------------------------

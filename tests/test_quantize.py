@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
-import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tasks import quantize as quantize_module
-from tasks.errors import GateFailed
-from tasks.gates import evaluate_gate
-from tasks.quantize import (
-    SERVED_FILE,
-    Candidate,
-    choose,
-    instruction_set,
-    quantization_config,
-    quantize,
-)
+from tasks.classification.quantize import ClassifierScorer
+from tasks.common.errors import GateFailed
+from tasks.common.gates import evaluate_gate
+from tasks.common.onnx import SERVED_FILE, convert_fp16, instruction_set, quantization_config
+from tasks.common.quantization import Candidate, choose
+from tasks.stages import quantize
 
 
 def test_served_model_is_one_of_the_scored_variants(run):
     q = run.quantized
-    assert (q.model.fetch() / SERVED_FILE).is_file()
+    assert (run.fetch(q.model) / SERVED_FILE).is_file()
     assert q.instruction_set == instruction_set()
     assert [c.name for c in q.candidates] == run.config.quantize.variants
     assert q.variant in {"fp32", *(c.name for c in q.candidates)}
@@ -31,29 +25,27 @@ def test_served_model_is_one_of_the_scored_variants(run):
     assert agreement.name == "quantized_top1_agreement" and agreement.passed
     assert drop.value == pytest.approx(q.fp32_score - q.served_score)
     for c in q.candidates:
-        assert 0 <= c.top1_agreement <= 1 and c.p50_ms > 0
+        assert 0 <= c.scores["top1_agreement"] <= 1 and c.p50_ms > 0
         assert (
-            c.size_mb
-            < 0.8 * MlflowClient().get_run(run.run_id).data.metrics["quantize.fp32.size_mb"]
+            c.size_mb < 0.8 * run.client.get_run(run.run_id).data.metrics["quantize.fp32.size_mb"]
         )
-    choice = json.loads(mlflow.artifacts.load_text(f"runs:/{run.run_id}/quantized/choice.json"))
+    choice = json.loads(run.text("quantized/choice.json"))
     assert choice["chosen"] == q.variant and choice["reason"] == q.reason
 
 
 def _candidate(name, p50, agreement=1.0, drop=0.0):
-    c = Candidate(
-        name=name,
-        model_file=f"{name}.onnx",
-        accuracy=0.9 - drop,
-        top1_agreement=agreement,
-        p50_ms=p50,
-        size_mb=1.0,
-    )
     gates = [
         evaluate_gate("quantized_top1_agreement", agreement, 0.97, ">="),
         evaluate_gate("quantized_accuracy_drop", drop, 0.005, "<="),
     ]
-    return Candidate(**{**c.__dict__, "gates": gates})
+    return Candidate(
+        name=name,
+        model_file=f"{name}.onnx",
+        scores={"accuracy": 0.9 - drop, "top1_agreement": agreement},
+        p50_ms=p50,
+        size_mb=1.0,
+        gates=gates,
+    )
 
 
 def test_choose_keeps_the_fastest_variant_that_passes():
@@ -83,16 +75,17 @@ def test_choose_fails_hard_without_fallback():
 
 
 def test_quantization_that_flips_predictions_fails_its_gates(run, monkeypatch):
-    real_score = quantize_module._score
+    real_score = ClassifierScorer.score
 
-    def flipping(model_file, name, *args):
-        candidate, predictions = real_score(model_file, name, *args)
+    def flipping(self, folder, name, reference):
+        candidate, predictions = real_score(self, folder, name, reference)
         if name == "fp32":
             return candidate, predictions
-        flipped = (predictions + 1) % len(run.data.label_names)
-        return quantize_module.Candidate(**{**candidate.__dict__, "top1_agreement": 0.0}), flipped
+        flipped = (predictions + 1) % len(run.label_names)
+        scores = {**candidate.scores, "top1_agreement": 0.0}
+        return replace(candidate, scores=scores), flipped
 
-    monkeypatch.setattr(quantize_module, "_score", flipping)
+    monkeypatch.setattr(ClassifierScorer, "score", flipping)
     result = quantize(run.config, run.data, run.onnx, run.run_id)
     assert result.variant == "fp32" and result.reason.startswith(
         "serving fp32: every variant failed"
@@ -127,9 +120,7 @@ def test_variant_names_map_to_optimum_configs():
 def test_fp16_conversion_for_gpu_targets(run, tmp_path):
     import onnx
 
-    out = quantize_module.convert_fp16(
-        run.onnx.model.fetch() / "model.onnx", tmp_path / "fp16.onnx"
-    )
+    out = convert_fp16(run.fetch(run.onnx.model) / "model.onnx", tmp_path / "fp16.onnx")
     graph = onnx.load(str(out)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64  # ids stay int
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # io stays fp32

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import PipelineError
-from tasks.storage import ensure_room
-from tasks.tracking import start_pipeline_run
+from tasks.common.errors import PipelineError
+from tasks.common.storage import ensure_room
+from tasks.common.tracking import start_pipeline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_too_little_disk_space_is_checked_before_writing(tmp_path, monkeypatch):
 
 
 def test_a_stage_refuses_to_start_without_room(make_tiny_config, tmp_path, monkeypatch):
-    from tasks.prepare_data import prepare_data
+    from tasks.stages import prepare_data
 
     config = make_tiny_config(tmp_path)
     run_id = start_pipeline_run(config)

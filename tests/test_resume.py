@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-import tasks.train_lora as train_module
-from tasks.prepare_data import prepare_data
-from tasks.tracking import start_pipeline_run
-from tasks.train_lora import checkpoint_dir, train_lora
+import tasks.common.training as train_module
+from tasks.common.tracking import Tracking, start_pipeline_run
+from tasks.common.training import checkpoint_dir, last_complete_checkpoint
+from tasks.stages import prepare_data, train_lora
 
 STEPS = ["train.max_steps=8", "train.logging_steps=1", "train.checkpoint_steps=4"]
 
 
-def losses(run_id: str) -> dict[int, float]:
+def losses(config, run_id: str) -> dict[int, float]:
     """The last logged loss per step (a resumed run logs some steps twice)."""
-    return {
-        m.step: m.value
-        for m in sorted(
-            MlflowClient().get_metric_history(run_id, "train.loss"), key=lambda m: m.timestamp
-        )
-    }
+    history = Tracking.connect(config.tracking).client.get_metric_history(run_id, "train.loss")
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
 
 
 def test_resume_after_a_crash_gives_the_same_losses(make_tiny_config, tmp_path, monkeypatch):
@@ -45,16 +40,15 @@ def test_resume_after_a_crash_gives_the_same_losses(make_tiny_config, tmp_path, 
 
     result = train_lora(config, data, crashed)
     assert result.global_steps == 8
-    assert MlflowClient().get_run(crashed).data.tags["train.resumed_from"] == "checkpoint-4"
-    expected, got = losses(reference), losses(crashed)
+    client = Tracking.connect(config.tracking).client
+    assert client.get_run(crashed).data.tags["train.resumed_from"] == "checkpoint-4"
+    expected, got = losses(config, reference), losses(config, crashed)
     assert sorted(got) == sorted(expected) == list(range(1, 9))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
 
 
 def test_a_half_written_checkpoint_is_skipped(tmp_path):
-    from tasks.train_lora import last_complete_checkpoint
-
     assert last_complete_checkpoint(tmp_path / "none") is None
     for step, complete in ((4, True), (8, True), (12, False)):
         folder = tmp_path / f"checkpoint-{step}"

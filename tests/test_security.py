@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tasks.tracking import redact, start_pipeline_run
+from tasks.common.tracking import Tracking, redact, start_pipeline_run
 
 
 def test_redact_removes_url_credentials():
@@ -32,7 +32,7 @@ def _artifact_texts(client: MlflowClient, run_id: str, path: str | None = None):
 
 def test_planted_secrets_are_not_in_params_tags_or_logged_files(run, planted_secret):
     PLANTED = planted_secret
-    client = MlflowClient()
+    client = run.client
     data = client.get_run(run.run_id).data
     assert PLANTED not in repr(data.params) and PLANTED not in repr(data.tags)
     files = list(_artifact_texts(client, run.run_id))
@@ -47,7 +47,7 @@ def test_credentials_in_config_urls_are_redacted(make_tiny_config, tmp_path, pla
     PLANTED = planted_secret
     config = make_tiny_config(tmp_path, [f"data.path=https://bob:{PLANTED}@data.example.com/t.csv"])
     run_id = start_pipeline_run(config)
-    client = MlflowClient()
+    client = Tracking.connect(config.tracking).client
     data = client.get_run(run_id).data
     assert data.params["data.path"] == "https://***@data.example.com/t.csv"
     assert PLANTED not in repr(data.params) and PLANTED not in repr(data.tags)
@@ -57,7 +57,7 @@ def test_credentials_in_config_urls_are_redacted(make_tiny_config, tmp_path, pla
 
 
 def test_model_weights_are_read_and_written_as_safetensors_only(run):
-    for folder in (run.trained.adapter.fetch(), run.merged.model.fetch()):
+    for folder in (run.fetch(run.trained.adapter), run.fetch(run.merged.model)):
         names = {p.name for p in folder.iterdir()}
         assert any(n.endswith(".safetensors") for n in names)
         assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names)

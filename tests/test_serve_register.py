@@ -7,17 +7,16 @@ import json
 import mlflow
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
-import tasks.register as register_module
-from tasks.champion import paired_bootstrap
-from tasks.errors import GateFailed, PipelineError
-from tasks.register import register
-from tasks.registry import production_history, promote, rollback
+import tasks.register.served_check as served_check_module
+from tasks.common.champion import paired_bootstrap
+from tasks.common.errors import GateFailed, PipelineError
+from tasks.common.registry import production_history, promote, rollback
+from tasks.stages import register
 
 
-def aliases(name: str = "tiny-classifier") -> dict[str, str]:
-    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
+def aliases(run, name: str = "tiny-classifier") -> dict[str, str]:
+    return {k: str(v) for k, v in run.client.get_registered_model(name).aliases.items()}
 
 
 def renamed(run, name: str, **serve):
@@ -31,7 +30,7 @@ def renamed(run, name: str, **serve):
 
 def submit(run, config, evaluation, served, gates):
     """Register the tiny run's model as a new candidate (its own MLflow run, as in production)."""
-    from tasks.tracking import start_pipeline_run
+    from tasks.common.tracking import start_pipeline_run
 
     return register(
         config, run.data, evaluation, run.quantized, served, gates, start_pipeline_run(config)
@@ -42,7 +41,7 @@ def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
     s = run.served
     assert s.provider == "CPUExecutionProvider"
     assert s.metrics["accuracy"] == pytest.approx(run.quantized.served_score)
-    assert len(s.predictions) == 40
+    assert len(s.answers) == 40
     for engine in ("onnx", "torch"):
         t = {
             k.removeprefix(f"serve.{engine}."): v
@@ -52,23 +51,22 @@ def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
         assert 0 < t["batch1_p50_ms"] <= t["batch1_p95_ms"] <= t["batch1_p99_ms"]
         assert t["batch1_p50_ms"] <= t["batch1_p50_ms_with_tokenizer"] * 1.5
         assert t["batch8_per_second"] > 0 and t["batch8_per_second_with_tokenizer"] > 0
-    tags = MlflowClient().get_run(run.run_id).data.tags
+    tags = run.client.get_run(run.run_id).data.tags
     assert tags["serve.provider"] == "CPUExecutionProvider"
     assert "plots/serving_latency.png" in {
-        a.path for a in MlflowClient().list_artifacts(run.run_id, "plots")
+        a.path for a in run.client.list_artifacts(run.run_id, "plots")
     }
 
 
 def test_asking_for_cuda_without_it_is_an_error(run):
-    from tasks.onnx_runtime import open_session
-    from tasks.quantize import SERVED_FILE
+    from tasks.common.onnx import SERVED_FILE, open_session
 
     with pytest.raises(
         PipelineError,
         match=r"^serve.device is cuda but onnxruntime runs model_served.onnx on "
         r"\['CPUExecutionProvider'\]",
     ):
-        open_session(run.quantized.model.fetch() / SERVED_FILE, device="cuda")
+        open_session(run.fetch(run.quantized.model) / SERVED_FILE, device="cuda")
 
 
 def test_registering_the_same_run_again_adds_no_version(run):
@@ -76,30 +74,29 @@ def test_registering_the_same_run_again_adds_no_version(run):
         run.config, run.data, run.evaluation, run.quantized, run.served, run.gates, run.run_id
     )
     assert again.version == "1" and again.promoted
-    versions = MlflowClient().search_model_versions("name='tiny-classifier'")
+    versions = run.client.search_model_versions("name='tiny-classifier'")
     assert [str(v.version) for v in versions] == ["1"]
 
 
 def test_register_sets_aliases_and_gate_tags(run):
     r = run.registration
     assert r.version == "1" and r.promoted
-    assert aliases() == {"challenger": "1", "production": "1"}
-    tags = MlflowClient().get_model_version("tiny-classifier", "1").tags
+    assert aliases(run) == {"challenger": "1", "production": "1"}
+    tags = run.client.get_model_version("tiny-classifier", "1").tags
     assert tags["gate.merge_parity_max_abs_diff"].startswith("passed")
     assert tags["run_id"] == run.run_id and tags["onnx.variant"] == run.quantized.variant
-    report = json.loads(mlflow.artifacts.load_text(f"runs:/{run.run_id}/promotion/report.json"))
+    report = json.loads(run.text("promotion/report.json"))
     assert report["promoted"] is True and len(report["gates"]) == 5
-    assert "Production moved:** yes" in mlflow.artifacts.load_text(
-        f"runs:/{run.run_id}/promotion/report.md"
-    )
+    assert "Production moved:** yes" in run.text("promotion/report.md")
 
 
 def test_registered_model_answers_with_labels_and_probabilities(run):
-    served = mlflow.pyfunc.load_model("models:/tiny-classifier/1")
+    with run.tracking.fluent():
+        served = mlflow.pyfunc.load_model("models:/tiny-classifier/1")
     texts = ["I was charged twice for one order", "my package is late"]
     out = served.predict(pd.DataFrame({"text": texts}))
     assert list(out.columns) == ["label", "score", "probabilities"]
-    assert set(out["label"]) <= set(run.data.label_names)
+    assert set(out["label"]) <= set(run.label_names)
     for probs in out["probabilities"]:
         assert sum(probs.values()) == pytest.approx(1.0)
 
@@ -109,8 +106,8 @@ def test_served_model_check_passes_through_mlflow_models_serve(run):
     result = submit(run, config, run.evaluation, run.served, run.gates)
     gate = next(g for g in result.gates if g.name == "served_model_prediction_mismatches")
     assert gate.passed and gate.value == 0 and result.promoted
-    run_id = MlflowClient().get_model_version("served-ok", result.version).run_id
-    metrics = MlflowClient().get_run(run_id).data.metrics
+    run_id = run.client.get_model_version("served-ok", result.version).run_id
+    metrics = run.client.get_run(run_id).data.metrics
     assert (
         metrics["served_model.request_p50_ms"] > 0 and metrics["served_model.golden_requests"] == 16
     )
@@ -121,20 +118,20 @@ def test_served_model_that_answers_differently_is_rejected(run, monkeypatch):
     submit(
         run, renamed(run, "served-bad"), run.evaluation, run.served, run.gates
     )  # v1 in production
-    real_invoke = register_module.invoke_records
+    real_invoke = served_check_module.invoke_records
 
     def wrong(url, records, timeout_s=60):
         answers = real_invoke(url, records, timeout_s)
         return [{**a, "label": "not-a-label"} for a in answers]
 
-    monkeypatch.setattr(register_module, "invoke_records", wrong)
+    monkeypatch.setattr(served_check_module, "invoke_records", wrong)
     with pytest.raises(
         GateFailed, match=r"^gate served_model_prediction_mismatches FAILED: measured 16"
     ):
         submit(run, config, run.evaluation, run.served, run.gates)
-    versions = MlflowClient().search_model_versions("name='served-bad'")
+    versions = run.client.search_model_versions("name='served-bad'")
     assert [str(v.version) for v in versions] == ["1"]  # the rejected version was deleted
-    assert aliases("served-bad") == {"challenger": "1", "production": "1"}
+    assert aliases(run, "served-bad") == {"challenger": "1", "production": "1"}
 
 
 def test_production_does_not_move_when_a_gate_failed(run):
@@ -146,40 +143,37 @@ def test_production_does_not_move_when_a_gate_failed(run):
     ]
     result = submit(run, config, run.evaluation, run.served, failed)
     assert not result.promoted and result.reason == "gates failed: quantized_accuracy_drop"
-    assert aliases("gate-failed") == {"challenger": "2", "production": "1"}
-    tags = MlflowClient().get_model_version("gate-failed", "2").tags
+    assert aliases(run, "gate-failed") == {"challenger": "2", "production": "1"}
+    tags = run.client.get_model_version("gate-failed", "2").tags
     assert tags["gate.quantized_accuracy_drop"].startswith("failed")
 
 
-def _evaluation_with_production(run, production_predictions):
+def _evaluation_with_production(run, production_answers):
     return run.evaluation.__class__(
         metrics=run.evaluation.metrics,
         production_metrics={"accuracy": 0.0, "macro_f1": 0.0},
         production_version="1",
-        labels=run.evaluation.labels,
-        production_predictions=production_predictions,
+        production_answers=production_answers,
     )
 
 
 def test_champion_gate_uses_the_bootstrap_interval(run):
     config = renamed(run, "champion")
     submit(run, config, run.evaluation, run.served, run.gates)
-    perfect = _evaluation_with_production(
-        run, list(run.evaluation.labels)
-    )  # production is flawless
+    perfect = _evaluation_with_production(run, list(run.served.references))  # flawless
     worse = submit(run, config, perfect, run.served, run.gates)
     assert not worse.promoted
     assert worse.reason.startswith(
         "candidate trails production: gate champion_macro_f1_delta_ci_low FAILED"
     )
     assert worse.comparison.high <= 0 and worse.comparison.low < -0.03
-    assert aliases("champion") == {"challenger": "2", "production": "1"}
+    assert aliases(run, "champion") == {"challenger": "2", "production": "1"}
 
-    same = _evaluation_with_production(run, list(run.served.predictions))  # identical answers
+    same = _evaluation_with_production(run, list(run.served.answers))  # identical answers
     equal = submit(run, config, same, run.served, run.gates)
     assert equal.promoted and equal.previous_production == "1"
     assert equal.comparison.low == equal.comparison.high == 0
-    assert aliases("champion") == {"challenger": "3", "production": "3"}
+    assert aliases(run, "champion") == {"challenger": "3", "production": "3"}
 
 
 def test_paired_bootstrap_interval_brackets_the_difference():
@@ -202,8 +196,10 @@ def test_promote_refuses_failed_gates_and_rollback_moves_back(run):
     ]
     submit(run, config, run.evaluation, run.served, failed)
     submit(run, config, run.evaluation, run.served, run.gates)
-    client = MlflowClient()
-    assert aliases("rollback")["production"] == "3" and production_history(client, "rollback") == [
+    client = run.client
+    assert aliases(run, "rollback")["production"] == "3" and production_history(
+        client, "rollback"
+    ) == [
         "1",
         "3",
     ]
@@ -215,12 +211,12 @@ def test_promote_refuses_failed_gates_and_rollback_moves_back(run):
         "promote it (pass --force to override)"
     )
     assert rollback(client, "rollback") == ("3", "1")
-    assert aliases("rollback")["production"] == "1"
+    assert aliases(run, "rollback")["production"] == "1"
     assert client.get_model_version("rollback", "3").tags["rolled_back"] == "true"
     with pytest.raises(PipelineError, match=r"no earlier production version recorded before v1"):
         rollback(client, "rollback")
     assert promote(client, "rollback", "3") == "1"
-    assert aliases("rollback")["production"] == "3"
+    assert aliases(run, "rollback")["production"] == "3"
 
 
 def test_cli_promote_and_rollback_run_the_promote_flow(run, tmp_path):
@@ -258,10 +254,10 @@ def test_cli_promote_and_rollback_run_the_promote_flow(run, tmp_path):
     back = cli("rollback")
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout[back.stdout.index("{") :])["to"] == "1"
-    assert aliases("cli-moves")["production"] == "1"
+    assert aliases(run, "cli-moves")["production"] == "1"
     again = cli("promote", "--version", "2")
     assert again.returncode == 0, again.stderr
-    assert aliases("cli-moves")["production"] == "2"
+    assert aliases(run, "cli-moves")["production"] == "2"
     missing = cli("promote", "--version", "9")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "error: model 'cli-moves' has no version '9'" in missing.stderr

@@ -9,21 +9,15 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tasks import export_onnx as export_module
-from tasks.errors import GateFailed
-from tasks.export_onnx import export_onnx
-from tasks.merge import merge
+from tasks.common import onnx as export_module
+from tasks.common.errors import GateFailed
+from tasks.stages import export_onnx, merge
 
 
-def aliases(name: str = "tiny-classifier") -> dict[str, str]:
-    return {k: str(v) for k, v in MlflowClient().get_registered_model(name).aliases.items()}
-
-
-def metric_history(run_id: str, key: str) -> list[float]:
-    return [m.value for m in MlflowClient().get_metric_history(run_id, key)]
+def metric_history(run, key: str) -> list[float]:
+    return [m.value for m in run.client.get_metric_history(run.run_id, key)]
 
 
 def test_train_counts_trainable_parameters_and_logs_curves(run):
@@ -33,15 +27,15 @@ def test_train_counts_trainable_parameters_and_logs_curves(run):
     assert run.trained.trainable_params == lora + head
     steps = run.trained.global_steps
     assert steps == 2 * int(np.ceil(140 / 16))
-    assert len(metric_history(run.run_id, "train.loss")) == steps // 2  # logging_steps=2
-    assert len(metric_history(run.run_id, "train.learning_rate")) == steps // 2
-    assert all(np.isfinite(metric_history(run.run_id, "train.grad_norm")))
-    assert len(metric_history(run.run_id, "eval.accuracy")) == 2  # one per epoch
+    assert len(metric_history(run, "train.loss")) == steps // 2  # logging_steps=2
+    assert len(metric_history(run, "train.learning_rate")) == steps // 2
+    assert all(np.isfinite(metric_history(run, "train.grad_norm")))
+    assert len(metric_history(run, "eval.accuracy")) == 2  # one per epoch
     assert run.trained.device == "cpu" and run.trained.precision == "fp32"
 
 
 def test_adapter_is_saved_in_peft_format_with_the_head(run):
-    folder = run.trained.adapter.fetch()
+    folder = run.fetch(run.trained.adapter)
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (
         config["peft_type"] == "LORA"
@@ -51,16 +45,17 @@ def test_adapter_is_saved_in_peft_format_with_the_head(run):
     weights = load_file(folder / "adapter_model.safetensors")
     assert "base_model.model.classifier.weight" in weights
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in weights
-    names = {a.path for a in MlflowClient().list_artifacts(run.run_id, "adapter")}
+    names = {a.path for a in run.client.list_artifacts(run.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= names
 
 
 def test_adapter_loads_in_peft_with_the_same_logits(run):
     peft = pytest.importorskip("peft")
-    from tasks.modeling import load_adapted_model, load_classifier, load_tokenizer, predict_logits
+    from tasks.classification.modeling import load_adapted_model, load_classifier, predict_logits
+    from tasks.common.models import load_tokenizer
 
-    folder = run.trained.adapter.fetch()
-    labels = run.data.label_names
+    folder = run.fetch(run.trained.adapter)
+    labels = run.label_names
     ours = load_adapted_model(run.config.model, folder, labels)
     base = load_classifier(str(run.config.model.name_or_path), labels)
     theirs = peft.PeftModel.from_pretrained(base, str(folder)).eval()
@@ -78,7 +73,7 @@ def test_evaluate_metrics_match_the_predictions_table(run):
     assert len(table) == 40
     accuracy = float((table["label"] == table["predicted"]).mean())
     assert run.evaluation.metrics["accuracy"] == pytest.approx(accuracy)
-    logged = MlflowClient().get_run(run.run_id).data.metrics
+    logged = run.client.get_run(run.run_id).data.metrics
     assert logged["test.accuracy"] == pytest.approx(accuracy)
     assert {
         "test.macro_f1",
@@ -87,18 +82,18 @@ def test_evaluate_metrics_match_the_predictions_table(run):
         "test.f1.billing",
     } <= set(logged)
     assert run.evaluation.production_metrics is None  # nothing in production yet
-    names = {a.path for a in MlflowClient().list_artifacts(run.run_id, "evaluation")}
+    names = {a.path for a in run.client.list_artifacts(run.run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in names
 
 
 def test_merge_parity_gate_and_merged_weights(run):
     gate = run.merged.parity
     assert gate.passed and gate.value <= 1e-4 and gate.threshold == 1e-4
-    folder = run.merged.model.fetch()
+    folder = run.fetch(run.merged.model)
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     merged = load_file(folder / "model.safetensors")
     base = load_file(run.config.model.name_or_path + "/model.safetensors")
-    adapter = load_file(run.trained.adapter.fetch() / "adapter_model.safetensors")
+    adapter = load_file(run.fetch(run.trained.adapter) / "adapter_model.safetensors")
     key = "encoder.layer.0.attention.self.query"
     a = adapter[f"base_model.model.bert.{key}.lora_A.weight"]
     b = adapter[f"base_model.model.bert.{key}.lora_B.weight"]
@@ -109,7 +104,7 @@ def test_merge_parity_gate_and_merged_weights(run):
 
 
 def test_merge_gate_fails_on_a_corrupted_merge(run, monkeypatch):
-    import tasks.merge as merge_module
+    import tasks.common.merging as merge_module
 
     real_unload = merge_module.unload_lora
 

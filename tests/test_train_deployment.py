@@ -21,7 +21,7 @@ from prefect.states import Completed, Failed
 import flows.train as train_module
 from flows.retrain import retrain_flow
 from flows.train import RESULT_ARTIFACT, WORKER_OUTPUT_DIR_ENV, train_flow
-from tasks.errors import ConfigError, TrainingError
+from tasks.common.errors import ConfigError, TrainingError
 
 DEPLOYMENT = "lora-train/gpu"
 

@@ -1,1 +1,1 @@
-"""The causal-LM task (instruction tuning of decoder models): its side of every stage."""
+"""Instruction tuning of decoder LLMs: every stage for task causal_lm."""

@@ -13,14 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from datasets import Dataset, DatasetDict, load_from_disk
 from jinja2 import TemplateError
-from mlflow.entities import DatasetInput, InputTag
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from sklearn.model_selection import train_test_split
+from transformers import AutoTokenizer
 
 from tasks.causal.formatting import (
     Encoded,
@@ -31,19 +28,20 @@ from tasks.causal.formatting import (
     pack,
     render_prompt,
 )
-from tasks.config import DataConfig, PipelineConfig
-from tasks.errors import DataError
-from tasks.modeling import load_tokenizer
-from tasks.prepare_data import (
+from tasks.common.config import DataConfig
+from tasks.common.datasets import (
     SPLITS,
-    PreparedData,
     content_sha256,
     find_split_files,
     finish_splits,
     load_frame,
+    log_dataset_inputs,
 )
-from tasks.storage import stage_dir
-from tasks.tracking import connect, log_folder, log_metrics, redact, set_tags, stage_timer
+from tasks.common.errors import DataError
+from tasks.common.models import load_tokenizer
+from tasks.common.stage import StageContext
+from tasks.common.tracking import redact
+from tasks.records import PreparedData
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -152,83 +150,67 @@ def to_dataset(frame: pd.DataFrame, encoded: list[Encoded], tokenizer) -> Datase
     )
 
 
-def prepare_causal_data(config: PipelineConfig, run_id: str) -> PreparedData:
+def encode_splits(splits: dict[str, pd.DataFrame], tokenizer, data: DataConfig):
+    """Each split encoded (train packed when data.packing); returns the DatasetDict, the
+    metrics and the count of examples dropped for having no response token left."""
+    parts, metrics, too_long_total = {}, {}, 0
+    for name in SPLITS:
+        if name not in splits:
+            continue
+        frame, encoded, too_long = tokenize_split(splits[name], tokenizer, data.max_length, name)
+        splits[name] = frame
+        too_long_total += too_long
+        metrics[f"data.truncated.{name}"] = sum(e.truncated for e in encoded)
+        metrics[f"data.response_tokens.{name}"] = sum(e.trained_tokens for e in encoded)
+        if name == "train" and data.packing:
+            rows = pack(encoded, data.max_length, tokenizer.pad_token_id)
+            real = sum(len(e.input_ids) for e in encoded)
+            metrics["data.packed_rows"] = len(rows)
+            metrics["data.packing_efficiency"] = real / (len(rows) * data.max_length)
+            parts[name] = Dataset.from_list(rows)
+        else:
+            parts[name] = to_dataset(frame, encoded, tokenizer)
+    return DatasetDict(parts), metrics, too_long_total
+
+
+def prepare_data(stage: StageContext) -> PreparedData:
     """Read the records, split, format with the chat template, mask prompts, pack; log it."""
-    connect(config.tracking)
-    data = config.data
-    with stage_timer(run_id, "prepare_data"):
-        splits, dropped, content_sha = build_conversation_splits(data)
-        tokenizer = load_tokenizer(config.model)
-        default_template = ensure_chat_template(tokenizer)
-        parts, metrics = {}, {}
-        dropped["too_long"] = 0
-        for name in SPLITS:
-            if name not in splits:
-                continue
-            frame, encoded, too_long = tokenize_split(
-                splits[name], tokenizer, data.max_length, name
-            )
-            splits[name] = frame
-            dropped["too_long"] += too_long
-            metrics[f"data.truncated.{name}"] = sum(e.truncated for e in encoded)
-            metrics[f"data.response_tokens.{name}"] = sum(e.trained_tokens for e in encoded)
-            if name == "train" and data.packing:
-                rows = pack(encoded, data.max_length, tokenizer.pad_token_id)
-                real = sum(len(e.input_ids) for e in encoded)
-                metrics["data.packed_rows"] = len(rows)
-                metrics["data.packing_efficiency"] = real / (len(rows) * data.max_length)
-                parts[name] = Dataset.from_list(rows)
-            else:
-                parts[name] = to_dataset(frame, encoded, tokenizer)
-        out_dir = stage_dir(config, run_id, "data")
-        DatasetDict(parts).save_to_disk(str(out_dir / "tokenized"))
-        tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
-        rows = {name: len(frame) for name, frame in splits.items()}
-        metrics |= {f"data.rows.{k}": v for k, v in rows.items()}
-        metrics |= {f"data.dropped.{k}": v for k, v in dropped.items()}
-        log_metrics(run_id, metrics)
-        set_tags(
-            run_id,
-            {
-                "task": "causal_lm",
-                "data.content_sha256": content_sha,
-                "data.path": redact(data.path),
-                "data.chat_template": "default" if default_template else "tokenizer",
-            },
-        )
-        _log_inputs(run_id, data, splits)
-        ref = log_folder(run_id, out_dir, "data")
-    return PreparedData(
-        dataset=ref, label_names=[], rows=rows, content_sha256=content_sha, dropped=dropped
+    config, run, data = stage.config, stage.run, stage.config.data
+    splits, dropped, content_sha = build_conversation_splits(data)
+    tokenizer = load_tokenizer(config.model)
+    default_template = ensure_chat_template(tokenizer)
+    dataset, metrics, dropped["too_long"] = encode_splits(splits, tokenizer, data)
+    out_dir = stage.stage_dir("data")
+    dataset.save_to_disk(str(out_dir / "tokenized"))
+    tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+    rows = {name: len(frame) for name, frame in splits.items()}
+    metrics |= {f"data.rows.{k}": v for k, v in rows.items()}
+    metrics |= {f"data.dropped.{k}": v for k, v in dropped.items()}
+    run.log_metrics(metrics)
+    run.set_tags(
+        {
+            "task": config.task,
+            "data.content_sha256": content_sha,
+            "data.path": redact(data.path),
+            "data.chat_template": "default" if default_template else "tokenizer",
+        }
     )
-
-
-def _log_inputs(run_id: str, data: DataConfig, splits: dict[str, pd.DataFrame]) -> None:
-    source = redact(Path(data.path).resolve())
-    inputs = []
-    for name, frame in splits.items():
-        table = pd.DataFrame(
-            {
-                "prompt": frame["text"],
-                "response": [m[-1]["content"] for m in frame["conversation"]],
-            }
+    tables = {
+        name: pd.DataFrame(
+            {"prompt": frame["text"], "response": [m[-1]["content"] for m in frame["conversation"]]}
         )
-        ds = mlflow.data.from_pandas(
-            table, source=source, targets="response", name=f"{Path(data.path).stem}-{name}"
-        )
-        inputs.append(
-            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, name)])
-        )
-    MlflowClient().log_inputs(run_id, datasets=inputs)
+        for name, frame in splits.items()
+    }
+    log_dataset_inputs(run, data, tables, targets="response")
+    ref = run.log_folder(out_dir, "data")
+    return PreparedData(dataset=ref, rows=rows, content_sha256=content_sha, dropped=dropped)
 
 
-def load_split(data: PreparedData, name: str):
+def load_split(stage: StageContext, data: PreparedData, name: str):
     """One tokenized split of a prepared causal dataset."""
-    return load_from_disk(str(data.dataset.fetch() / "tokenized"))[name]
+    return load_from_disk(str(stage.fetch(data.dataset) / "tokenized"))[name]
 
 
-def load_data_tokenizer(data: PreparedData):
+def load_data_tokenizer(stage: StageContext, data: PreparedData):
     """The tokenizer prepare_data formatted with (chat template and pad token set)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(data.dataset.fetch() / TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(str(stage.fetch(data.dataset) / TOKENIZER_DIR))

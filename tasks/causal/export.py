@@ -7,26 +7,14 @@ new tokens (end-of-sequence suppressed, so every prompt yields that many) token 
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 from tasks.causal.data import load_data_tokenizer
 from tasks.causal.generation import first_step_logits, greedy_new_tokens
-from tasks.causal.merge import max_abs_diff_all, probe_prompts
+from tasks.causal.merge import probe_prompts
 from tasks.causal.modeling import load_causal_lm, open_causal_onnx
-from tasks.config import PipelineConfig
-from tasks.export_onnx import ONNX_FILE, OnnxModel, optimum_export
-from tasks.gates import evaluate_gate, require
-from tasks.merge import MergedModel
-from tasks.prepare_data import PreparedData
-from tasks.tracking import connect, log_folder, log_gate, log_metrics, stage_timer
-
-
-def copy_missing_files(source: Path, target: Path) -> None:
-    """Tokenizer, chat template and generation config files the exporter did not write."""
-    for item in source.iterdir():
-        if item.is_file() and item.suffix != ".safetensors" and not (target / item.name).exists():
-            shutil.copy2(item, target / item.name)
+from tasks.common.gates import require
+from tasks.common.onnx import ONNX_FILE, copy_missing_files, max_abs_diff_all, optimum_export
+from tasks.common.stage import StageContext
+from tasks.records import MergedModel, OnnxModel, PreparedData
 
 
 def tokens_differing(reference: list[list[int]], other: list[list[int]]) -> int:
@@ -37,49 +25,38 @@ def tokens_differing(reference: list[list[int]], other: list[list[int]]) -> int:
     return count
 
 
-def export_causal(
-    config: PipelineConfig, data: PreparedData, merged: MergedModel, run_id: str
-) -> OnnxModel:
+def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> OnnxModel:
     """Export with past key/values, then gate ONNX fp32 against PyTorch on the probe prompts."""
-    connect(config.tracking)
-    with stage_timer(run_id, "export_onnx"):
-        merged_dir = merged.model.fetch()
-        out_dir = optimum_export(config, merged_dir, run_id, "text-generation-with-past")
-        copy_missing_files(merged_dir, out_dir)
-        tokenizer = load_data_tokenizer(data)
-        prompts = probe_prompts(config, data)
-        n = config.export.parity_new_tokens
-        torch_model = load_causal_lm(str(merged_dir)).eval()
-        onnx_model = open_causal_onnx(out_dir, ONNX_FILE, device="cpu")
-        logits_diff = max_abs_diff_all(
-            first_step_logits(onnx_model, tokenizer, prompts),
-            first_step_logits(torch_model, tokenizer, prompts),
-        )
-        expected = greedy_new_tokens(torch_model, tokenizer, prompts, n, min_new_tokens=n)
-        got = greedy_new_tokens(onnx_model, tokenizer, prompts, n, min_new_tokens=n)
-        gates = [
-            log_gate(
-                run_id,
-                evaluate_gate(
-                    "onnx_parity_max_abs_diff", logits_diff, config.export.parity_max_abs_diff, "<="
-                ),
-            ),
-            log_gate(
-                run_id,
-                evaluate_gate(
-                    "onnx_greedy_tokens_differing", tokens_differing(expected, got), 0, "<="
-                ),
-            ),
-        ]
-        log_metrics(
-            run_id,
-            {
-                "onnx.fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20,
-                "onnx.parity_prompts": len(prompts),
-                "onnx.parity_new_tokens": n,
-            },
-        )
-        for gate in gates:
-            require(gate)
-        ref = log_folder(run_id, out_dir, "onnx")
-    return OnnxModel(model=ref, gates=gates)
+    config = stage.config
+    merged_dir = stage.fetch(merged.model)
+    out_dir = optimum_export(
+        merged_dir, stage.stage_dir("onnx"), "text-generation-with-past", config.export.opset
+    )
+    copy_missing_files(merged_dir, out_dir)
+    tokenizer = load_data_tokenizer(stage, data)
+    prompts = probe_prompts(stage, data)
+    n = config.export.parity_new_tokens
+    torch_model = load_causal_lm(str(merged_dir)).eval()
+    onnx_model = open_causal_onnx(out_dir, ONNX_FILE, device="cpu")
+    logits_diff = max_abs_diff_all(
+        first_step_logits(onnx_model, tokenizer, prompts),
+        first_step_logits(torch_model, tokenizer, prompts),
+    )
+    expected = greedy_new_tokens(torch_model, tokenizer, prompts, n, min_new_tokens=n)
+    got = greedy_new_tokens(onnx_model, tokenizer, prompts, n, min_new_tokens=n)
+    gates = [
+        stage.gate(
+            "onnx_parity_max_abs_diff", logits_diff, config.export.parity_max_abs_diff, "<="
+        ),
+        stage.gate("onnx_greedy_tokens_differing", tokens_differing(expected, got), 0, "<="),
+    ]
+    stage.run.log_metrics(
+        {
+            "onnx.fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20,
+            "onnx.parity_prompts": len(prompts),
+            "onnx.parity_new_tokens": n,
+        }
+    )
+    for gate in gates:
+        require(gate)
+    return OnnxModel(model=stage.run.log_folder(out_dir, "onnx"), gates=gates)

@@ -9,36 +9,27 @@ check_complete reloads the folder and compares each with what training used.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
 from tasks.causal.data import load_data_tokenizer, load_split
 from tasks.causal.generation import eos_ids, first_step_logits
 from tasks.causal.modeling import load_adapted_causal_lm, load_causal_lm
-from tasks.config import PipelineConfig
-from tasks.errors import ModelError
-from tasks.gates import evaluate_gate, require
-from tasks.merge import MergedModel, max_abs_diff, merge_and_unload
-from tasks.prepare_data import PreparedData
-from tasks.storage import stage_dir
-from tasks.tracking import connect, log_folder, log_gate, stage_timer
-from tasks.train_lora import TrainedAdapter
+from tasks.common.errors import ModelError
+from tasks.common.merging import merge_checked
+from tasks.common.onnx import max_abs_diff_all
+from tasks.common.stage import StageContext
+from tasks.records import MergedModel, PreparedData, TrainedAdapter
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def probe_prompts(config: PipelineConfig, data: PreparedData) -> list[str]:
+def probe_prompts(stage: StageContext, data: PreparedData) -> list[str]:
     """The rendered test prompts the merge and export gates compare models on."""
-    test = load_split(data, "test")
-    return list(test["prompt"][: config.export.parity_prompts])
-
-
-def max_abs_diff_all(first: list[np.ndarray], second: list[np.ndarray]) -> float:
-    if len(first) != len(second):
-        return float("inf")
-    return max((max_abs_diff(a, b) for a, b in zip(first, second, strict=True)), default=0.0)
+    test = load_split(stage, data, "test")
+    return list(test["prompt"][: stage.config.export.parity_prompts])
 
 
 def generation_config_for(model, tokenizer) -> GenerationConfig:
@@ -76,32 +67,22 @@ def check_complete(folder: Path, tokenizer) -> None:
         raise ModelError(f"merged model folder {folder} is incomplete: {'; '.join(problems)}")
 
 
-def merge_causal(
-    config: PipelineConfig, data: PreparedData, trained: TrainedAdapter, run_id: str
-) -> MergedModel:
+def merge(stage: StageContext, data: PreparedData, trained: TrainedAdapter) -> MergedModel:
     """Merge safely, save the complete folder, reload it, gate on logits parity with the adapter."""
-    connect(config.tracking)
-    with stage_timer(run_id, "merge"):
-        tokenizer = load_data_tokenizer(data)
-        prompts = probe_prompts(config, data)
-        model = load_adapted_causal_lm(config.model, trained.adapter.fetch())
-        adapter_logits = first_step_logits(model, tokenizer, prompts)
-        plain = merge_and_unload(model)
-        plain.generation_config = generation_config_for(plain, tokenizer)
-        out_dir = stage_dir(config, run_id, "merged_model")
-        plain.save_pretrained(str(out_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir))
-        check_complete(out_dir, tokenizer)
-        merged_logits = first_step_logits(load_causal_lm(str(out_dir)).eval(), tokenizer, prompts)
-        gate = log_gate(
-            run_id,
-            evaluate_gate(
-                "merge_parity_max_abs_diff",
-                max_abs_diff_all(merged_logits, adapter_logits),
-                config.merge.parity_max_abs_diff,
-                "<=",
-            ),
-        )
-        require(gate)
-        ref = log_folder(run_id, out_dir, "merged_model")
+    tokenizer = load_data_tokenizer(stage, data)
+
+    def save(model, folder: Path) -> None:
+        model.generation_config = generation_config_for(model, tokenizer)
+        model.save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+        check_complete(folder, tokenizer)
+
+    ref, gate = merge_checked(
+        stage,
+        load_adapted_causal_lm(stage.config.model, stage.fetch(trained.adapter)),
+        outputs=partial(first_step_logits, tokenizer=tokenizer, prompts=probe_prompts(stage, data)),
+        difference=max_abs_diff_all,
+        save=save,
+        reload=lambda folder: load_causal_lm(str(folder)).eval(),
+    )
     return MergedModel(model=ref, parity=gate)

@@ -1,16 +1,17 @@
-"""Loading decoder models (Llama, Qwen, Mistral, GPT-2, ...) and attaching LoRA to them."""
+"""Decoder models (Llama, Qwen, Mistral, GPT-2, ...): loading them, attaching LoRA, ONNX runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from optimum.onnxruntime import ORTModelForCausalLM
 from transformers import AutoModelForCausalLM
 
-from lora_core import LoraError, inject_lora, load_adapter
-from tasks.config import LoraSection, ModelConfig
-from tasks.errors import ModelError
-from tasks.modeling import lora_config, resolve_model_path
+from tasks.common.config import LoraSection, ModelConfig
+from tasks.common.errors import ModelError
+from tasks.common.models import resolve_model_path, with_adapter, with_lora
+from tasks.common.onnx import CUDA, providers_for, require_provider, session_options
 
 
 def load_causal_lm(source: str, trust_remote_code: bool = False, dtype=torch.float32):
@@ -34,22 +35,15 @@ def build_causal_lora_model(model_cfg: ModelConfig, lora: LoraSection):
     """
     model = load_causal_lm(resolve_model_path(model_cfg.name_or_path), model_cfg.trust_remote_code)
     model.config.use_cache = False
-    try:
-        report = inject_lora(model, lora_config(lora))
-    except LoraError as exc:
-        raise ModelError(str(exc)) from exc
-    return model, report
+    return with_lora(model, lora)
 
 
 def load_adapted_causal_lm(model_cfg: ModelConfig, adapter_dir: Path):
     """Base decoder plus a saved adapter, in eval mode with the KV cache on (for generation)."""
     model = load_causal_lm(resolve_model_path(model_cfg.name_or_path), model_cfg.trust_remote_code)
-    try:
-        load_adapter(model, adapter_dir)
-    except LoraError as exc:
-        raise ModelError(str(exc)) from exc
+    model = with_adapter(model, adapter_dir)
     model.config.use_cache = True
-    return model.eval()
+    return model
 
 
 def load_base_causal_lm(model_cfg: ModelConfig):
@@ -61,14 +55,7 @@ def load_base_causal_lm(model_cfg: ModelConfig):
 def open_causal_onnx(folder: Path, file_name: str, device: str = "cpu", num_threads: int = 0):
     """optimum's ORTModelForCausalLM (KV cache) on one ONNX file of an exported folder; asking
     for cuda and not getting the CUDA provider is an error, as for classifiers."""
-    import onnxruntime as ort  # imported here: GPU training workers never load onnxruntime
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    from tasks.onnx_runtime import CUDA, providers_for
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads
-    options.inter_op_num_threads = 1
+    options = session_options(num_threads)
     provider = providers_for(device)[0]
     model = ORTModelForCausalLM.from_pretrained(
         str(folder),
@@ -77,9 +64,5 @@ def open_causal_onnx(folder: Path, file_name: str, device: str = "cpu", num_thre
         session_options=options,
         use_io_binding=provider == CUDA,
     )
-    if device == "cuda" and model.providers[0] != CUDA:
-        raise ModelError(
-            f"serve.device is cuda but onnxruntime runs {file_name} on {model.providers}: "
-            f"install onnxruntime-gpu with a matching CUDA, or set serve.device to cpu"
-        )
+    require_provider(device, model.providers, file_name)
     return model

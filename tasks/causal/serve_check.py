@@ -11,28 +11,23 @@ token) and decode throughput (serve.decode_tokens new tokens per request).
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
-
-import torch
-from mlflow.tracking import MlflowClient
 
 from tasks.causal.data import load_data_tokenizer
 from tasks.causal.evaluate import eval_prompts
 from tasks.causal.generation import greedy_new_tokens
 from tasks.causal.modeling import load_causal_lm, open_causal_onnx
+from tasks.causal.onnx_causal_lm import OnnxCausalLM
+from tasks.causal.serving import serving_spec
 from tasks.causal.text_metrics import generation_metrics, per_example
-from tasks.config import PipelineConfig
-from tasks.latency import latency_ms
-from tasks.merge import MergedModel
-from tasks.metrics import decoder_timing_figure, save_figure
-from tasks.prepare_data import PreparedData
-from tasks.quantize import SERVED_FILE, QuantizedModel
-from tasks.serve_check import ServeReport
-from tasks.serving.onnx_causal_lm import OnnxCausalLM
-from tasks.serving_folder import build_serving_folder
-from tasks.tracking import connect, log_metrics, set_tags, stage_timer
+from tasks.common.config import PipelineConfig
+from tasks.common.latency import latency_ms
+from tasks.common.onnx import SERVED_FILE
+from tasks.common.plots import engine_figure
+from tasks.common.serving import build_serving_folder, log_serve_check, serving_threads
+from tasks.common.serving import serving_spec as full_spec
+from tasks.common.stage import StageContext
+from tasks.records import MergedModel, PreparedData, QuantizedModel, ServeReport
 
 
 def time_decoder(model, tokenizer, prompts, config: PipelineConfig) -> dict[str, float]:
@@ -58,63 +53,87 @@ def time_decoder(model, tokenizer, prompts, config: PipelineConfig) -> dict[str,
     }
 
 
-def serve_check_causal(
-    config: PipelineConfig,
-    data: PreparedData,
-    quantized: QuantizedModel,
-    merged: MergedModel,
-    run_id: str,
+def decoder_timing_figure(timings: dict[str, float], variant: str):
+    """Time to first token percentiles and decode tokens/s, both engines."""
+    return engine_figure(
+        timings,
+        variant,
+        left=(
+            "time to first token (ms, batch 1)",
+            ["p50", "p95", "p99"],
+            [f"serve.{{engine}}.ttft_{p}_ms" for p in ("p50", "p95", "p99")],
+        ),
+        right=(
+            "decode tokens / second (batch 1)",
+            ["decode"],
+            ["serve.{engine}.tokens_per_second"],
+        ),
+    )
+
+
+def engine_timings(config, serving_dir, merged_dir, tokenizer, prompts, threads):
+    """time_decoder for the served ONNX file, then for the merged PyTorch model; returns the
+    served file's execution provider and the timings."""
+    session = open_causal_onnx(serving_dir, SERVED_FILE, config.serve.device, threads)
+    provider = session.providers[0]
+    timings = {
+        f"serve.onnx.{k}": v for k, v in time_decoder(session, tokenizer, prompts, config).items()
+    }
+    del session
+    eager = load_causal_lm(str(merged_dir)).eval()
+    timings |= {
+        f"serve.torch.{k}": v for k, v in time_decoder(eager, tokenizer, prompts, config).items()
+    }
+    timings["serve.speedup.ttft_p50"] = (
+        timings["serve.torch.ttft_p50_ms"] / timings["serve.onnx.ttft_p50_ms"]
+    )
+    timings["serve.speedup.tokens_per_second"] = (
+        timings["serve.onnx.tokens_per_second"] / timings["serve.torch.tokens_per_second"]
+    )
+    return provider, timings
+
+
+def serve_check(
+    stage: StageContext, data: PreparedData, quantized: QuantizedModel, merged: MergedModel
 ) -> ServeReport:
     """Answer the eval prompts with the served model; time it against PyTorch."""
-    connect(config.tracking)
-    with stage_timer(run_id, "serve_check"):
-        threads = config.serve.num_threads or os.cpu_count() or 1
-        torch.set_num_threads(threads)
-        serving_dir = build_serving_folder(config, data, quantized, run_id)
-        rows = eval_prompts(config, data)
-        served = OnnxCausalLM.from_folder(serving_dir)
-        replies = served.answer(
-            [json.loads(m) for m in rows["messages"]], config.eval.max_new_tokens
-        )
-        answers = [r["text"] for r in replies]
-        references = list(rows["reference"])
-        metrics = generation_metrics(answers, references)
-        scores = per_example(config.registry.metric, answers, references)
-
-        tokenizer = load_data_tokenizer(data)
-        prompts = list(rows["prompt"])
-        session = open_causal_onnx(serving_dir, SERVED_FILE, config.serve.device, threads)
-        provider = session.providers[0]
-        timings = {
-            f"serve.onnx.{k}": v
-            for k, v in time_decoder(session, tokenizer, prompts, config).items()
-        }
-        del session
-        eager = load_causal_lm(str(merged.model.fetch())).eval()
-        timings |= {
-            f"serve.torch.{k}": v
-            for k, v in time_decoder(eager, tokenizer, prompts, config).items()
-        }
-        timings["serve.speedup.ttft_p50"] = (
-            timings["serve.torch.ttft_p50_ms"] / timings["serve.onnx.ttft_p50_ms"]
-        )
-        timings["serve.speedup.tokens_per_second"] = (
-            timings["serve.onnx.tokens_per_second"] / timings["serve.torch.tokens_per_second"]
-        )
-        log_metrics(run_id, {f"served.{k}": v for k, v in metrics.items()} | timings)
-        figure = decoder_timing_figure(timings, quantized.variant)
-        path = save_figure(
-            figure, Path(config.output_dir) / run_id / "plots" / "serving_latency.png"
-        )
-        MlflowClient().log_artifact(run_id, str(path), "plots")
-        set_tags(
-            run_id,
-            {
-                "serve.provider": provider,
-                "serve.threads": str(threads),
-                "serve.onnx_variant": quantized.variant,
-            },
-        )
+    config = stage.config
+    threads = serving_threads(config)
+    serving_dir = build_serving_folder(
+        stage.fetch(quantized.model),
+        stage.stage_dir("serving_model"),
+        full_spec(config, quantized.variant, serving_spec(stage, data)),
+    )
+    rows = eval_prompts(stage, data)
+    served = OnnxCausalLM.from_folder(serving_dir)
+    replies = served.answer([json.loads(m) for m in rows["messages"]], config.eval.max_new_tokens)
+    answers = [r["text"] for r in replies]
+    references = list(rows["reference"])
+    metrics = generation_metrics(answers, references)
+    provider, timings = engine_timings(
+        config,
+        serving_dir,
+        stage.fetch(merged.model),
+        load_data_tokenizer(stage, data),
+        list(rows["prompt"]),
+        threads,
+    )
+    log_serve_check(
+        stage,
+        metrics,
+        timings,
+        decoder_timing_figure(timings, quantized.variant),
+        {
+            "serve.provider": provider,
+            "serve.threads": str(threads),
+            "serve.onnx_variant": quantized.variant,
+        },
+    )
     return ServeReport(
-        provider=provider, metrics=metrics, timings=timings, answers=answers, scores=scores
+        provider=provider,
+        metrics=metrics,
+        timings=timings,
+        answers=answers,
+        references=references,
+        scores=per_example(config.registry.metric, answers, references),
     )

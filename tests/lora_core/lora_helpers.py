@@ -93,18 +93,9 @@ class Toy(nn.Module):
 
 def peft_config(cfg, **extra):
     """PEFT's LoraConfig for the same LoRA as a lora_core LoraConfig (plus PEFT-only `extra`,
-    e.g. task_type or fan_in_fan_out): the one translation the tests and benchmarks share."""
+    e.g. task_type or fan_in_fan_out), through lora_core's one field translation."""
     import peft
 
-    return peft.LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        exclude_modules=cfg.exclude_modules,
-        modules_to_save=cfg.modules_to_save,
-        use_rslora=cfg.use_rslora,
-        init_lora_weights=True if cfg.init == "default" else cfg.init,
-        bias=cfg.bias,
-        **extra,
-    )
+    from lora_core.peft_format import to_peft_fields
+
+    return peft.LoraConfig(**to_peft_fields(cfg), **extra)

@@ -1,0 +1,1 @@
+"""Text classification (the embedded default): every stage for task sequence_classification."""

@@ -1,0 +1,112 @@
+"""Sequence classifiers: loading them with a head per label, and batched logits in either engine.
+
+PyTorch and onnxruntime batch texts the same way (eval.batch_size texts, each batch padded to
+its longest text), as the served model does: dynamic int8 scales depend on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from tasks.common.config import LoraSection, ModelConfig
+from tasks.common.errors import ModelError
+from tasks.common.models import resolve_model_path, with_adapter, with_lora
+
+
+def load_classifier(source: str, label_names: Sequence[str], trust_remote_code: bool = False):
+    """A sequence classifier with one output per label (new head if the source has none)."""
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=False,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model weights from {source!r}: {exc}") from exc
+    return model
+
+
+def build_lora_model(model_cfg: ModelConfig, lora: LoraSection, label_names: Sequence[str]):
+    """Base classifier with LoRA injected; returns (model, InjectionReport)."""
+    torch.manual_seed(0)  # the new head's init is reproducible
+    model = load_classifier(
+        resolve_model_path(model_cfg.name_or_path), label_names, model_cfg.trust_remote_code
+    )
+    return with_lora(model, lora)
+
+
+def load_adapted_model(model_cfg: ModelConfig, adapter_dir: Path, label_names: Sequence[str]):
+    """Base classifier plus a saved adapter (LoRA weights and trained head), in eval mode."""
+    model = load_classifier(
+        resolve_model_path(model_cfg.name_or_path), label_names, model_cfg.trust_remote_code
+    )
+    return with_adapter(model, adapter_dir)
+
+
+def encode_batches(
+    tokenizer, texts: Sequence[str], max_length: int, batch_size: int, tensors: str = "pt"
+):
+    """Tokenized batches of texts in order, each padded to its own longest text."""
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors=tensors,
+        )
+
+
+def stack(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """fp32 logits of a PyTorch classifier for texts, batched with dynamic padding."""
+    model.eval()
+    device = next(model.parameters()).device
+    return stack(
+        [
+            model(**batch.to(device)).logits.float().cpu().numpy()
+            for batch in encode_batches(tokenizer, texts, max_length, batch_size)
+        ]
+    )
+
+
+def session_feed(session: ort.InferenceSession, batch) -> dict[str, np.ndarray]:
+    """The tokenizer's arrays the ONNX graph takes, as int64."""
+    wanted = {i.name for i in session.get_inputs()}
+    return {k: v.astype(np.int64) for k, v in batch.items() if k in wanted}
+
+
+def session_logits(
+    session: ort.InferenceSession,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Logits of an ONNX classifier for texts, batched exactly like the PyTorch path."""
+    return stack(
+        [
+            session.run(["logits"], session_feed(session, batch))[0]
+            for batch in encode_batches(tokenizer, texts, max_length, batch_size, tensors="np")
+        ]
+    )

@@ -1,0 +1,101 @@
+"""quantize for classification: each variant scored on the test split against fp32.
+
+Scores: accuracy and top-1 agreement with fp32's predictions; latency: batch-1 p50 over
+single test texts. Gates: agreement >= quantize.min_top1_agreement, accuracy drop <=
+quantize.max_accuracy_drop. Static variants are calibrated on training texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.classification.data import load_split
+from tasks.classification.modeling import session_feed, session_logits
+from tasks.common.gates import Gate, evaluate_gate
+from tasks.common.latency import latency_ms
+from tasks.common.models import load_tokenizer
+from tasks.common.onnx import ONNX_FILE, open_session
+from tasks.common.quantization import Candidate, quantize_stage
+from tasks.common.stage import StageContext
+from tasks.records import OnnxModel, PreparedData, QuantizedModel
+
+CALIBRATION_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class ClassifierScorer:
+    """Accuracy, agreement with fp32 and batch-1 latency of one ONNX classifier."""
+
+    config: Any
+    tokenizer: Any
+    test: Any
+    score_name: str = "accuracy"
+    latency_name: str = "p50_ms"
+
+    def score(self, folder: Path, name: str, reference) -> tuple[Candidate, np.ndarray]:
+        config, test = self.config, self.test
+        device = "cuda" if config.serve.device == "cuda" else "cpu"
+        session = open_session(folder / ONNX_FILE, device, config.serve.num_threads)
+        texts = test["text"]
+        logits = session_logits(
+            session, self.tokenizer, texts, config.data.max_length, config.eval.batch_size
+        )
+        predictions = np.argmax(logits, axis=-1)
+        singles = [
+            self.tokenizer(
+                [t], truncation=True, max_length=config.data.max_length, return_tensors="np"
+            )
+            for t in texts[:32]
+        ]
+        timing = latency_ms(
+            lambda batch: session.run(["logits"], session_feed(session, batch)),
+            singles,
+            config.serve.warmup_runs,
+            max(20, config.serve.latency_runs // 2),
+        )
+        agreement = 1.0 if reference is None else float(np.mean(predictions == reference))
+        accuracy = float(np.mean(predictions == np.asarray(test["labels"])))
+        candidate = Candidate(
+            name=name,
+            model_file=str(folder / ONNX_FILE),
+            scores={"accuracy": accuracy, "top1_agreement": agreement},
+            p50_ms=timing["p50_ms"],
+            size_mb=(folder / ONNX_FILE).stat().st_size / 2**20,
+        )
+        return candidate, predictions
+
+    def gates(self, candidate: Candidate, fp32: Candidate) -> list[Gate]:
+        q = self.config.quantize
+        return [
+            evaluate_gate(
+                "quantized_top1_agreement",
+                candidate.scores["top1_agreement"],
+                q.min_top1_agreement,
+                ">=",
+            ),
+            evaluate_gate(
+                "quantized_accuracy_drop",
+                fp32.scores["accuracy"] - candidate.scores["accuracy"],
+                q.max_accuracy_drop,
+                "<=",
+            ),
+        ]
+
+
+def quantize(stage: StageContext, data: PreparedData, onnx: OnnxModel) -> QuantizedModel:
+    """Build the variants, score and time each against fp32, pick one, log everything."""
+    config = stage.config
+    scorer = ClassifierScorer(config, load_tokenizer(config.model), load_split(stage, data, "test"))
+
+    def calibration():
+        train = load_split(stage, data, "train")
+        columns = [c for c in CALIBRATION_INPUTS if c in train.column_names]
+        samples = min(config.quantize.calibration_samples, len(train))
+        return train.select(range(samples)).select_columns(columns)
+
+    ref, choice = quantize_stage(stage, onnx.model, scorer, calibration)
+    return QuantizedModel.from_choice(ref, choice, scorer.score_name)

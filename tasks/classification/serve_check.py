@@ -1,0 +1,146 @@
+"""serve_check for classification: the served ONNX model's answers, latency and throughput.
+
+The merged PyTorch fp32 model (eager) is timed in the same run as the baseline, one engine at
+a time, with the same thread count; each engine is timed with and without tokenization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tasks.classification.data import label_names, load_split
+from tasks.classification.metrics import classification_metrics
+from tasks.classification.modeling import load_classifier, session_feed, session_logits
+from tasks.common.config import PipelineConfig
+from tasks.common.latency import latency_ms, throughput
+from tasks.common.models import load_tokenizer
+from tasks.common.onnx import SERVED_FILE, open_session
+from tasks.common.plots import engine_figure
+from tasks.common.serving import log_serve_check, serving_threads
+from tasks.common.stage import StageContext
+from tasks.records import MergedModel, PreparedData, QuantizedModel, ServeReport
+
+
+def _runners(session, torch_model, tokenizer, max_length: int):
+    """Per engine: run(pre-tokenized batch) and run_text(list of texts)."""
+
+    def onnx_run(batch):
+        return session.run(["logits"], session_feed(session, batch))
+
+    @torch.inference_mode()
+    def torch_run(batch):
+        return torch_model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits
+
+    def with_tokenizer(run):
+        return lambda texts: run(
+            tokenizer(
+                texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+            )
+        )
+
+    return {
+        "onnx": (onnx_run, with_tokenizer(onnx_run)),
+        "torch": (torch_run, with_tokenizer(torch_run)),
+    }
+
+
+def time_engines(
+    config: PipelineConfig, session, torch_model, tokenizer, texts
+) -> dict[str, float]:
+    """Batch-1 p50/p95/p99 and throughput per batch size, per engine, with and without tokenizer."""
+    serve = config.serve
+    max_length = config.data.max_length
+    texts = list(texts)
+    timings: dict[str, float] = {}
+    for engine, (run, run_text) in _runners(session, torch_model, tokenizer, max_length).items():
+        singles = [[t] for t in texts]
+        encoded = [
+            tokenizer(t, truncation=True, max_length=max_length, return_tensors="np")
+            for t in singles
+        ]
+        for suffix, fn, inputs in (("", run, encoded), ("_with_tokenizer", run_text, singles)):
+            stats = latency_ms(fn, inputs, serve.warmup_runs, serve.latency_runs)
+            timings |= {f"serve.{engine}.batch1_{k}{suffix}": v for k, v in stats.items()}
+        for size in serve.throughput_batch_sizes:
+            pool = texts * -(-size // len(texts))  # repeat when the split is smaller than a batch
+            text_batches = [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
+            batches = [
+                tokenizer(
+                    b, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+                )
+                for b in text_batches
+            ]
+            timings[f"serve.{engine}.batch{size}_per_second"] = throughput(run, batches, size)
+            timings[f"serve.{engine}.batch{size}_per_second_with_tokenizer"] = throughput(
+                run_text, text_batches, size
+            )
+    timings["serve.speedup.batch1_p50"] = (
+        timings["serve.torch.batch1_p50_ms"] / timings["serve.onnx.batch1_p50_ms"]
+    )
+    for size in serve.throughput_batch_sizes:
+        timings[f"serve.speedup.batch{size}_throughput"] = (
+            timings[f"serve.onnx.batch{size}_per_second"]
+            / timings[f"serve.torch.batch{size}_per_second"]
+        )
+    return timings
+
+
+def timing_figure(timings: dict[str, float], sizes: list[int], variant: str):
+    """Batch-1 latency percentiles and throughput per batch size, both engines."""
+    return engine_figure(
+        timings,
+        variant,
+        left=(
+            "batch-1 latency (ms, model only)",
+            ["p50", "p95", "p99"],
+            [f"serve.{{engine}}.batch1_{p}_ms" for p in ("p50", "p95", "p99")],
+        ),
+        right=(
+            "examples / second (model only)",
+            [f"batch {s}" for s in sizes],
+            [f"serve.{{engine}}.batch{s}_per_second" for s in sizes],
+        ),
+    )
+
+
+def serve_check(
+    stage: StageContext, data: PreparedData, quantized: QuantizedModel, merged: MergedModel
+) -> ServeReport:
+    """Predict the test split with the serving session and time it against PyTorch."""
+    config = stage.config
+    threads = serving_threads(config)
+    session = open_session(stage.fetch(quantized.model) / SERVED_FILE, config.serve.device, threads)
+    names = label_names(stage, data)
+    test = load_split(stage, data, "test")
+    tokenizer = load_tokenizer(config.model)
+    logits = session_logits(
+        session, tokenizer, test["text"], config.data.max_length, config.eval.batch_size
+    )
+    predictions = np.argmax(logits, -1)
+    metrics = classification_metrics(test["labels"], predictions, names, per_class=False)
+    torch_model = load_classifier(str(stage.fetch(merged.model)), names).eval()
+    timings = time_engines(config, session, torch_model, tokenizer, test["text"])
+    provider = session.get_providers()[0]
+    log_serve_check(
+        stage,
+        metrics,
+        timings,
+        timing_figure(timings, config.serve.throughput_batch_sizes, quantized.variant),
+        {
+            "serve.provider": provider,
+            "serve.threads": str(threads),
+            "serve.providers": ",".join(session.get_providers()),
+            "serve.onnx_variant": quantized.variant,
+        },
+    )
+    answers = [names[int(p)] for p in predictions]
+    references = list(test["label"])
+    return ServeReport(
+        provider=provider,
+        metrics=metrics,
+        timings=timings,
+        answers=answers,
+        references=references,
+        scores=[float(a == r) for a, r in zip(answers, references, strict=True)],
+    )

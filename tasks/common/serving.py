@@ -1,0 +1,61 @@
+"""What the serve_check stage of every kind shares, and the folder a model serves from.
+
+The serving folder holds the chosen ONNX file, its tokenizer and serving.json, which tells the
+kind's pyfunc how to answer: the ONNX file, the variant and the device, plus what the kind adds
+(label names, max length and batch size for classification; the default number of new tokens
+for causal_lm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tasks.common.config import PipelineConfig
+from tasks.common.onnx import SERVED_FILE
+from tasks.common.plots import save_figure
+
+SPEC_FILE = "serving.json"
+
+
+def serving_spec(config: PipelineConfig, variant: str, kind_spec: dict) -> dict:
+    return {
+        "task": config.task,
+        "model_file": SERVED_FILE,
+        "variant": variant,
+        "device": "cuda" if config.serve.device == "cuda" else "cpu",
+        **kind_spec,
+    }
+
+
+def build_serving_folder(quantized_dir: Path, out_dir: Path, spec: dict) -> Path:
+    """Copy the served ONNX file with its tokenizer and config files; write serving.json."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for item in quantized_dir.iterdir():
+        if item.is_file() and (item.suffix != ".onnx" or item.name == SERVED_FILE):
+            shutil.copy2(item, out_dir / item.name)
+    (out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return out_dir
+
+
+def serving_threads(config: PipelineConfig) -> int:
+    """serve.num_threads (0: every core), set for PyTorch too: both engines get the same."""
+    threads = config.serve.num_threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def log_serve_check(stage, metrics: dict, timings: dict, figure, tags: dict) -> None:
+    """The served model's metrics (served.*), both engines' timings, the latency plot
+    (plots/serving_latency.png) and the serving tags."""
+    run = stage.run
+    run.log_metrics({f"served.{k}": v for k, v in metrics.items()} | timings)
+    path = Path(stage.config.output_dir) / run.run_id / "plots" / "serving_latency.png"
+    run.log_artifact(save_figure(figure, path), "plots")
+    run.set_tags(tags)

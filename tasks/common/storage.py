@@ -1,0 +1,53 @@
+"""Checks before a stage writes: the output folder is writable and has room for the outputs."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from tasks.common.errors import PipelineError
+
+MB = 2**20
+
+# Output size per stage, in base-model sizes (fp32 weights), with room to spare.
+NEED_IN_MODEL_SIZES = {
+    "data": 0.1,
+    "adapter": 0.3,
+    "evaluation": 0.05,
+    "merged_model": 1.2,
+    "onnx": 1.2,
+    "quantized": 2.0,
+    "serving_model": 1.0,
+}
+
+
+def folder_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:
+    """Size of the matching files in a folder (0 where it is not a local folder)."""
+    folder = Path(path)
+    return sum(f.stat().st_size for f in folder.glob(pattern)) / MB if folder.is_dir() else 0.0
+
+
+def ensure_room(folder: Path, need_mb: float, stage: str) -> Path:
+    """Create folder, prove it is writable and has need_mb free; clear error otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PipelineError(
+            f"{stage}: output folder {folder} is not writable ({exc.strerror or exc}); set "
+            f"output_dir to a folder you can write to"
+        ) from None
+    free_mb = shutil.disk_usage(folder).free / MB
+    if free_mb < need_mb:
+        raise PipelineError(
+            f"{stage}: not enough disk space in {folder}: {free_mb:.0f} MB free, about "
+            f"{need_mb:.0f} MB needed; free some space or point output_dir at a larger disk"
+        )
+    return folder
+
+
+def need_mb(name: str, model_mb: float) -> float:
+    """Room a stage output needs: a share of the base model's size, plus 10 MB."""
+    return 10 + NEED_IN_MODEL_SIZES.get(name, 1.0) * max(model_mb, 100.0)

@@ -1,0 +1,229 @@
+"""LoRA training with transformers' Trainer, the same for every task kind.
+
+The kind builds the model (with LoRA injected), the tokenizer, the collator and its metrics;
+this module picks device and precision, runs the Trainer with resumable checkpoints, logs the
+curves to the pipeline's MLflow run and saves the adapter in PEFT format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import DatasetDict
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from lora_core import InjectionReport, save_adapter
+from tasks.common.config import PipelineConfig, TrainConfig
+from tasks.common.errors import TrainingError
+from tasks.common.models import resolve_model_path
+from tasks.common.tracking import TrackedRun
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
+
+
+@dataclass
+class TrainingSetup:
+    """What a task kind trains: the LoRA model and how batches and metrics are made."""
+
+    model: torch.nn.Module
+    report: InjectionReport
+    tokenizer: Any
+    collator: Callable
+    compute_metrics: Callable | None
+    task_type: str  # PEFT's task type: SEQ_CLS (head saved with the adapter) or CAUSAL_LM
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """How the adapter was trained."""
+
+    device: str
+    precision: str
+    trainable_params: int
+    total_params: int
+    global_steps: int
+
+
+def pick_device(train: TrainConfig) -> str:
+    """cuda, then mps, then cpu (or what the config asks for)."""
+    if train.device != "auto":
+        return train.device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_precision(train: TrainConfig, device: str) -> str:
+    """bf16 where the GPU supports it, else fp16 on GPU; fp32 on CPU."""
+    if train.precision != "auto":
+        return train.precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Sends the Trainer's logs (loss, lr, grad norm, eval metrics) to the pipeline run."""
+
+    def __init__(self, run: TrackedRun):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        metrics = {}
+        for key, value in logs.items():
+            if not isinstance(value, int | float) or key == "epoch":
+                continue
+            name = key[len("eval_") :] if key.startswith("eval_") else key
+            prefix = "eval" if key.startswith("eval_") else "train"
+            metrics[f"{prefix}.{name}"] = value
+        if metrics:
+            metrics["train.epoch"] = logs.get("epoch", state.epoch or 0.0)
+            self.run.log_metrics(metrics, step=state.global_step)
+
+
+class GuardedTrainer(Trainer):
+    """Trainer that stops at the first NaN/inf loss instead of training on garbage."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"training loss became {value} at step {self.state.global_step + 1}: lower "
+                f"train.learning_rate, or use precision fp32 / bf16 instead of fp16"
+            )
+        return loss
+
+
+def checkpoint_dir(config: PipelineConfig, run_id: str) -> Path:
+    """Where this MLflow run's Trainer checkpoints live (durable, shared with GPU workers)."""
+    root = config.train.checkpoint_dir or str(Path(config.output_dir) / "checkpoints")
+    return Path(root) / run_id
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N that was fully written (the Trainer writes trainer_state.json
+    last), so a process killed while saving resumes from the one before."""
+    if not folder.is_dir():
+        return None
+    steps = [
+        (int(p.name.split("-")[1]), p)
+        for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(max(steps)[1]) if steps else None
+
+
+def training_arguments(config: PipelineConfig, out_dir: Path, device: str, precision: str):
+    train = config.train
+    every = train.checkpoint_steps
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=config.eval.batch_size,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_ratio=train.warmup_ratio,
+        logging_steps=train.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="steps" if every else "no",
+        save_steps=every or 500,
+        save_total_limit=2,  # the newest two: a crash while writing one leaves the other
+        report_to=[],
+        group_by_length=train.group_by_length,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        label_names=["labels"],
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def model_inputs(dataset: DatasetDict) -> DatasetDict:
+    """Each split's model input columns only (a packed train split has other columns)."""
+    for name, split in dataset.items():
+        dataset[name] = split.select_columns([c for c in split.column_names if c in MODEL_INPUTS])
+    return dataset
+
+
+def fit(
+    stage, build: Callable[[], TrainingSetup], dataset: DatasetDict, adapter_dir: Path
+) -> TrainingResult:
+    """Seed, build the kind's setup, train on dataset['train'] (resuming from the run's last
+    complete checkpoint), log curves and figures, save the adapter (and tokenizer)."""
+    config, run = stage.config, stage.run
+    set_seed(config.train.seed)  # before build: LoRA and head init draw from it
+    setup = build()
+    dataset = model_inputs(dataset)
+    device = pick_device(config.train)
+    precision = pick_precision(config.train, device)
+    checkpoints = checkpoint_dir(config, run.run_id)
+    trainer = GuardedTrainer(
+        model=setup.model,
+        args=training_arguments(config, checkpoints, device, precision),
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["validation"] if "validation" in dataset else None,
+        data_collator=setup.collator,
+        compute_metrics=setup.compute_metrics,
+        callbacks=[MlflowStepLogger(run)],
+    )
+    resume = last_complete_checkpoint(checkpoints)
+    if resume:
+        run.set_tags({"train.resumed_from": Path(resume).name})
+    result = trainer.train(resume_from_checkpoint=resume)
+    _log_training(run, config, setup.report, result, dataset["train"], device, precision)
+    setup.model.cpu()
+    save_adapter(
+        setup.model,
+        adapter_dir,
+        base_model_name_or_path=resolve_model_path(config.model.name_or_path),
+        task_type=setup.task_type,
+    )
+    setup.tokenizer.save_pretrained(str(adapter_dir))
+    return TrainingResult(
+        device=device,
+        precision=precision,
+        trainable_params=setup.report.trainable_params,
+        total_params=setup.report.total_params,
+        global_steps=result.global_step,
+    )
+
+
+def _log_training(run, config, report, result, train_split, device, precision) -> None:
+    n_tokens = int(sum(len(ids) for ids in train_split["input_ids"]))
+    epochs_done = result.metrics.get("epoch", config.train.epochs)
+    run.log_metrics(
+        {
+            "train.trainable_params": report.trainable_params,
+            "train.total_params": report.total_params,
+            "train.trainable_fraction": report.trainable_params / report.total_params,
+            "train.runtime_seconds": result.metrics["train_runtime"],
+            "train.samples_per_second": result.metrics["train_samples_per_second"],
+            "train.tokens_per_second": n_tokens * epochs_done / result.metrics["train_runtime"],
+            "train.final_loss": result.training_loss,
+        },
+        step=result.global_step,
+    )
+    run.set_tags(
+        {
+            "train.device": device,
+            "train.precision": precision,
+            "lora.target_names": ",".join(report.target_names)[:5000],
+        }
+    )

@@ -1,0 +1,1 @@
+"""The register stage, task-neutral: decision, served-model check, registry transaction, report."""

@@ -1,0 +1,1 @@
+"""Helpers the tests and the benchmarks share (tiny random models built offline)."""
