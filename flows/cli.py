@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from tasks.common.errors import PipelineError
 
@@ -25,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--force", action="store_true", help="retrain even if this data and config already ran"
+    )
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="if a run with this data and config is in progress elsewhere, wait for it to end",
     )
     for action, text in (
         ("promote", "move production to a registered version"),
@@ -61,6 +67,43 @@ def _install_log_filter() -> None:
             handler.addFilter(_HideUserErrorTracebacks())
 
 
+def _start_prefect_api() -> None:
+    """Without a Prefect server (PREFECT_API_URL unset), start Prefect's temporary one now, in
+    the main thread, with a watchdog: it then dies with this process even on SIGKILL (Prefect
+    would stop it at exit only, which a killed process never reaches)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    from tasks.common.processes import exclusive, process_target, watch
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    server = SubprocessASGIServer()  # the instance Prefect's clients use (port-keyed singleton)
+    try:
+        # one at a time per Prefect home: two first starts would race on its database tables
+        with exclusive(Path(settings.home) / "lora-retrain-server.lock"):
+            server.start()
+    except RuntimeError as exc:
+        raise PipelineError(
+            f"Prefect's temporary API server did not start ({exc}); point PREFECT_API_URL at a "
+            f"running Prefect server, or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        ) from None
+    watch([process_target(server.server_process.pid)], grace_s=5)
+
+
+def _run(args) -> dict:
+    from flows.retrain import retrain_flow
+    from tasks.common.credentials import move_credentials_to_environment
+
+    overrides = move_credentials_to_environment(args.overrides)  # never a flow parameter
+    _install_log_filter()
+    _start_prefect_api()
+    return retrain_flow(
+        config_path=args.config, overrides=overrides, force=args.force, wait=args.wait
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -74,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.promote import promote_flow
 
             _install_log_filter()
+            _start_prefect_api()
             result = promote_flow(
                 model_name=args.model,
                 action=args.command,
@@ -82,12 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 force=getattr(args, "force", False),
             )
         else:
-            from flows.retrain import retrain_flow
-
-            _install_log_filter()
-            result = retrain_flow(
-                config_path=args.config, overrides=args.overrides, force=args.force
-            )
+            result = _run(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

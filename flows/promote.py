@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.common.config import load_config
+from tasks.common.credentials import load_credentials
 from tasks.common.errors import PipelineError
 from tasks.common.registry import promote, rollback
 from tasks.common.tracking import Tracking
@@ -17,7 +18,9 @@ def move_production_alias(
     model_name: str, action: str, version: str | None, config_path: str, force: bool = False
 ) -> dict:
     """Promote `version` (refusing failed gates unless forced) or roll back to the previous one."""
-    client = Tracking.connect(load_config(config_path).tracking).client
+    tracking = load_config(config_path).tracking
+    load_credentials(tracking)
+    client = Tracking.connect(tracking).client
     if action == "rollback":
         moved_from, moved_to = rollback(client, model_name)
     elif action == "promote":

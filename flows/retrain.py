@@ -15,35 +15,51 @@ from prefect import flow, get_run_logger
 from flows.train import train_on_deployment
 from tasks import stages
 from tasks.common.config import PipelineConfig, load_config
-from tasks.common.fingerprint import KEY_TAG, pipeline_key, previous_run
-from tasks.common.tracking import (
-    Tracking,
-    end_pipeline_run,
-    reopen_pipeline_run,
-    start_pipeline_run,
+from tasks.common.credentials import load_credentials, refuse_credentials
+from tasks.common.faults import kill_point
+from tasks.common.fingerprint import pipeline_key
+from tasks.common.preflight import check_devices
+from tasks.common.resume import StageRecords
+from tasks.common.runs import Claim, claim_run
+from tasks.common.tracking import Tracking, end_pipeline_run
+from tasks.records import (
+    Evaluation,
+    MergedModel,
+    OnnxModel,
+    PipelineOutputs,
+    PreparedData,
+    QuantizedModel,
+    Registration,
+    ServeReport,
+    TrainedAdapter,
 )
-from tasks.records import PipelineOutputs, PreparedData, TrainedAdapter
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage: its function in tasks.stages, the PipelineOutputs field it fills, and the
-    fields it takes (in order, between the config and the run id)."""
+    """One stage: its function in tasks.stages, the PipelineOutputs field it fills (with its
+    record type), and the fields it takes (in order, between the config and the run id)."""
 
     name: str
     output: str
+    record: type
     inputs: tuple[str, ...]
 
 
 STAGES = (
-    Stage("prepare_data", "data", ()),
-    Stage("train_lora", "trained", ("data",)),
-    Stage("evaluate", "evaluation", ("data", "trained")),
-    Stage("merge", "merged", ("data", "trained")),
-    Stage("export_onnx", "onnx", ("data", "merged")),
-    Stage("quantize", "quantized", ("data", "onnx")),
-    Stage("serve_check", "served", ("data", "quantized", "merged")),
-    Stage("register", "registration", ("data", "evaluation", "quantized", "served", "gates")),
+    Stage("prepare_data", "data", PreparedData, ()),
+    Stage("train_lora", "trained", TrainedAdapter, ("data",)),
+    Stage("evaluate", "evaluation", Evaluation, ("data", "trained")),
+    Stage("merge", "merged", MergedModel, ("data", "trained")),
+    Stage("export_onnx", "onnx", OnnxModel, ("data", "merged")),
+    Stage("quantize", "quantized", QuantizedModel, ("data", "onnx")),
+    Stage("serve_check", "served", ServeReport, ("data", "quantized", "merged")),
+    Stage(
+        "register",
+        "registration",
+        Registration,
+        ("data", "evaluation", "quantized", "served", "gates"),
+    ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -81,32 +97,42 @@ def stage_function(name: str, as_tasks: bool) -> Callable:
 
 
 def run_stages(
-    config: PipelineConfig, run_id: str, as_tasks: bool = False, until: str = STAGE_NAMES[-1]
+    config: PipelineConfig,
+    run_id: str,
+    as_tasks: bool = False,
+    until: str = STAGE_NAMES[-1],
+    between: Callable[[], None] | None = None,
+    records: StageRecords | None = None,
 ) -> PipelineOutputs:
-    """Run STAGES in order, up to and including `until`; every stage's record."""
+    """Run STAGES in order, up to and including `until`; every stage's record. between() runs
+    before each stage (the lease check: stop if another process took the run over). With
+    records, a stage that already finished in this run is not run again: its record is used."""
     out = PipelineOutputs()
     for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
-        inputs = [getattr(out, field) for field in stage.inputs]
-        result = stage_function(stage.name, as_tasks)(config, *inputs, run_id)
+        kill_point(f"before:{stage.name}")
+        if between is not None:
+            between()
+        result = records.load(stage.name, stage.record) if records else None
+        if result is None:
+            inputs = [getattr(out, field) for field in stage.inputs]
+            result = stage_function(stage.name, as_tasks)(config, *inputs, run_id)
+            if records:
+                records.save(stage.name, result)
         out = replace(out, **{stage.output: result})
     return out
 
 
-def run_pipeline(
-    config: PipelineConfig, resume_run_id: str | None = None, key: str | None = None
-) -> RetrainResult:
-    """Run every stage inside one MLflow run; the run ends FAILED if any stage raises.
+def run_pipeline(config: PipelineConfig, claim: Claim) -> RetrainResult:
+    """Run every stage inside the claimed MLflow run; it ends FAILED if any stage raises.
 
-    With resume_run_id the stages continue that (unfinished) run: training resumes from its
-    last checkpoint and an already registered version is not registered again.
+    A resumed (unfinished) run continues: training resumes from its last checkpoint and an
+    already registered version is finished, not registered again.
     """
     start = time.perf_counter()
-    if resume_run_id:
-        run_id = reopen_pipeline_run(resume_run_id, config)
-    else:
-        run_id = start_pipeline_run(config, extra_tags={KEY_TAG: key} if key else None)
+    run_id = claim.run_id
+    records = StageRecords(Tracking.connect(config.tracking).run(run_id))
     try:
-        out = run_stages(config, run_id, as_tasks=True)
+        out = run_stages(config, run_id, as_tasks=True, between=claim.lease.check, records=records)
     except BaseException:
         end_pipeline_run(run_id, config, "FAILED")
         raise
@@ -126,34 +152,44 @@ def run_pipeline(
     )
 
 
+def skipped(claim: Claim) -> dict:
+    reason = (
+        f"nothing new to train: run {claim.run_id} already trained this data and "
+        f"config and registered v{claim.skipped_version} (force=True retrains)"
+    )
+    get_run_logger().info(reason)
+    return {
+        "status": "skipped",
+        "run_id": claim.run_id,
+        "version": claim.skipped_version,
+        "reason": reason,
+    }
+
+
 @flow(name="lora-retrain", log_prints=True)
 def retrain_flow(
     config_path: str = "configs/default.yaml",
     overrides: list[str] | None = None,
     force: bool = False,
+    wait: bool = False,
 ) -> dict:
     """Retrain a LoRA adapter from a config file (plus KEY=VALUE overrides) and maybe promote it.
 
     Same data and config as a finished run: ends early ("nothing new to train") unless force.
-    Same as an unfinished (killed or failed) run: continues that run.
+    Same as an unfinished (killed or failed) run: continues that run. Same as a run in progress
+    in another process: an error (exit 2), or, with wait, waits for it to end first.
     """
+    refuse_credentials(overrides)
     config = load_config(config_path, overrides)
-    key = pipeline_key(config)
-    previous = previous_run(Tracking.connect(config.tracking), key)
-    if previous is not None and previous.finished and not force:
-        reason = (
-            f"nothing new to train: run {previous.run_id} already trained this data and "
-            f"config and registered v{previous.version} (force=True retrains)"
-        )
-        get_run_logger().info(reason)
-        return {
-            "status": "skipped",
-            "run_id": previous.run_id,
-            "version": previous.version,
-            "reason": reason,
-        }
-    resume = previous.run_id if previous is not None and not previous.finished else None
-    result = run_pipeline(config, resume_run_id=resume, key=key)
+    load_credentials(config.tracking)
+    check_devices(config)
+    claim = claim_run(Tracking.connect(config.tracking), config, pipeline_key(config), force, wait)
+    if claim.skipped:
+        return skipped(claim)
+    try:
+        result = run_pipeline(config, claim)
+    finally:
+        claim.lease.release()
     get_run_logger().info(
         "run %s: %s v%s, test %s %.3f, served %s %.3f, production %s (%s)",
         result.run_id,

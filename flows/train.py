@@ -20,8 +20,9 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
 from tasks.common.config import PipelineConfig, config_from_dict
+from tasks.common.credentials import load_credentials, redact, scrubbed
 from tasks.common.errors import ConfigError, TrainingError
-from tasks.common.tracking import ArtifactRef, Tracking, prefect_flow_run_id, redact
+from tasks.common.tracking import ArtifactRef, Tracking, prefect_flow_run_id
 from tasks.records import PreparedData, TrainedAdapter
 from tasks.stages import train_lora_task
 
@@ -96,6 +97,7 @@ def train_flow(
     `output_dir` (else $LORA_TRAIN_OUTPUT_DIR, else the config's) is this worker's folder.
     """
     pipeline_config = config_from_dict(config, source="lora-train parameter `config`")
+    load_credentials(pipeline_config.tracking)
     local_dir = output_dir or os.environ.get(WORKER_OUTPUT_DIR_ENV) or pipeline_config.output_dir
     pipeline_config = pipeline_config.model_copy(update={"output_dir": local_dir})
     tracking = Tracking.connect(pipeline_config.tracking)
@@ -128,7 +130,7 @@ def train_on_deployment(config: PipelineConfig, data: PreparedData, run_id: str)
             name=name,
             parameters={
                 "run_id": run_id,
-                "config": config.model_dump(mode="json"),
+                "config": scrubbed(config.model_dump(mode="json")),  # no URL credentials
                 "data": data_parameters(data),
             },
             timeout=None,  # wait however long the gpu pool's queue takes

@@ -44,13 +44,15 @@ class Evaluation:
     """Test-split metrics of the candidate (adapter model) and of production, if any.
 
     production_answers are production's answers on the examples the served candidate is
-    compared on (ServeReport.answers), for the paired champion comparison.
+    compared on (ServeReport.answers), for the paired champion comparison; production_refusal
+    says why the two cannot be compared (e.g. different label sets), which keeps production.
     """
 
     metrics: dict[str, float]
     production_version: str | None = None
     production_metrics: dict[str, float] | None = None
     production_answers: list[str] | None = None
+    production_refusal: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common.config import PipelineConfig
-from tasks.common.errors import retry_unless_user_error
+from tasks.common.errors import retry_if_transient
 from tasks.common.gates import Gate
 from tasks.common.stage import open_stage
 from tasks.kinds import kind_of
@@ -110,7 +110,7 @@ def stage_task(fn: Callable, *, name: str, retries: int = 1, tags: tuple[str, ..
         retries=retries,
         retry_delay_seconds=5,
         cache_policy=NO_CACHE,
-        retry_condition_fn=retry_unless_user_error,
+        retry_condition_fn=retry_if_transient,
         tags=list(tags),
     )
 

@@ -284,7 +284,7 @@ def test_prompts_longer_than_max_length_are_an_error(tmp_path, llama_dir, demo_f
 
     path = prompt_response_csv(tmp_path / "pairs.csv", demo_frame)
     config = causal_config(tmp_path, llama_dir, path)
-    config.data.max_length = 4
+    config.data.max_length = 8
     with pytest.raises(DataError, match="raise data.max_length"):
         prepare_data(config, start_pipeline_run(config))
 

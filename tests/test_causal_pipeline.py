@@ -342,3 +342,10 @@ def test_causal_training_on_the_gpu_deployment_travels_through_mlflow(
     assert pipeline.read_bytes() == (worker / "adapter" / "adapter_model.safetensors").read_bytes()
     adapter_config = json.loads((worker / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "CAUSAL_LM"
+
+
+def test_the_registered_chat_model_says_what_it_is_for(llama):
+    from tasks.causal import kind
+
+    description = llama.client.get_registered_model(llama.registration.model_name).description
+    assert description == kind.DESCRIPTION and "chat decoder" in description

@@ -37,8 +37,8 @@ def test_unknown_key_names_its_path(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == (
-        f"invalid config {path}:\n"
-        "  lora.rank: unknown key (check its spelling; see configs/default.yaml)"
+        f"invalid config {path}: "
+        "lora.rank: unknown key (check its spelling; see configs/default.yaml)"
     )
 
 
@@ -48,11 +48,11 @@ def test_out_of_range_values_are_listed(tmp_path):
             DEFAULT, ["train.epochs=0", "lora.r=0", "train.learning_rate=-1", "train.batch_size=0"]
         )
     assert str(err.value) == (
-        f"invalid config {DEFAULT}:\n"
-        "  lora.r: Input should be greater than 0 (got 0)\n"
-        "  train.epochs: Input should be greater than 0 (got 0)\n"
-        "  train.batch_size: Input should be greater than 0 (got 0)\n"
-        "  train.learning_rate: Input should be greater than 0 (got -1)"
+        f"invalid config {DEFAULT}: "
+        "lora.r: Input should be greater than 0 (got 0); "
+        "train.epochs: Input should be greater than 0 (got 0); "
+        "train.batch_size: Input should be greater than 0 (got 0); "
+        "train.learning_rate: Input should be greater than 0 (got -1)"
     )
 
 
@@ -93,9 +93,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_prints_config_errors_without_traceback():
     result = _cli("check-config", "--set", "lora.r=0")
     assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "error: invalid config configs/default.yaml:\n"
-        "  lora.r: Input should be greater than 0 (got 0)"
+    assert result.stderr.strip() == (  # one line: what, where, and the rule
+        "error: invalid config configs/default.yaml: lora.r: Input should be greater than 0 (got 0)"
     )
     assert "Traceback" not in result.stderr
 

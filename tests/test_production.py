@@ -28,12 +28,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from test_processes import marked_processes, wait_until
 
 from tasks.common.served_model import free_port
 
@@ -200,11 +202,15 @@ def _user_exists(name: str) -> bool:
     return True
 
 
+MARK = uuid.uuid4().hex  # in the environment of every process the stack starts
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     """This environment without Prefect/MLflow settings, the venv first on PATH, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    env["LORA_TEST_MARK"] = MARK
     env.update(extra)
     return env
 
@@ -227,7 +233,7 @@ def stack(tmp_path_factory, make_tiny_config):
              "--port", str(mlflow_port), "--workers", "1",
              "--backend-store-uri", f"postgresql+psycopg2://{db}/mlflow",
              "--artifacts-destination", str(work / "artifact-store"), "--serve-artifacts"],
-            env=_clean_env(),
+            env=_clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no huey runners
             cwd=work,
         )  # fmt: skip
         prefect_port = free_port()
@@ -328,6 +334,11 @@ def stack(tmp_path_factory, make_tiny_config):
         raise
     finally:
         procs.stop_all()
+        wait_until(lambda: marked_processes(MARK) == [], 60)
+        left = marked_processes(MARK)
+        for pid in left:  # never leak them, then say so
+            os.kill(pid, signal.SIGKILL)
+        assert left == [], f"processes of the stack outlived it: {left}"
         pg_dir = work / "pg_dir"
         if pg_dir.exists():
             shutil.rmtree(pg_dir.read_text(), ignore_errors=True)

@@ -79,7 +79,13 @@ def test_a_stage_refuses_to_start_without_room(make_tiny_config, tmp_path, monke
     config = make_tiny_config(tmp_path)
     run_id = start_pipeline_run(config)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 10 * 2**20, 0))
+    real = shutil.disk_usage
+    full = str(Path(config.output_dir))  # only the stage's output disk is full
+
+    def disk_usage(path):
+        return usage(10 * 2**20, 10 * 2**20, 0) if str(path).startswith(full) else real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     with pytest.raises(
         PipelineError, match=r"^data: not enough disk space in .*: 0 MB free, about 20 MB needed"
     ):

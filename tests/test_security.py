@@ -6,7 +6,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tasks.common.tracking import Tracking, redact, start_pipeline_run
+from tasks.common.credentials import redact
+from tasks.common.tracking import Tracking, start_pipeline_run
 
 
 def test_redact_removes_url_credentials():

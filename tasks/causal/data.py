@@ -28,9 +28,12 @@ from tasks.causal.formatting import (
     pack,
     render_prompt,
 )
+from tasks.causal.modeling import check_base_model
 from tasks.common.config import DataConfig
+from tasks.common.credentials import redact
 from tasks.common.datasets import (
     SPLITS,
+    columns_found,
     content_sha256,
     find_split_files,
     finish_splits,
@@ -40,7 +43,6 @@ from tasks.common.datasets import (
 from tasks.common.errors import DataError
 from tasks.common.models import load_tokenizer
 from tasks.common.stage import StageContext
-from tasks.common.tracking import redact
 from tasks.records import PreparedData
 
 TOKENIZER_DIR = "tokenizer"
@@ -54,8 +56,8 @@ def record_columns(frame: pd.DataFrame, data: DataConfig, path: Path) -> tuple[s
         return (data.messages_column,)
     raise DataError(
         f"data file {path} has neither columns {data.prompt_column!r} and "
-        f"{data.response_column!r} nor a {data.messages_column!r} column; columns found: "
-        f"{', '.join(map(repr, frame.columns))}; set data.prompt_column / data.response_column "
+        f"{data.response_column!r} nor a {data.messages_column!r} column; "
+        f"{columns_found(list(frame.columns))}; set data.prompt_column / data.response_column "
         f"or data.messages_column"
     )
 
@@ -176,6 +178,7 @@ def encode_splits(splits: dict[str, pd.DataFrame], tokenizer, data: DataConfig):
 def prepare_data(stage: StageContext) -> PreparedData:
     """Read the records, split, format with the chat template, mask prompts, pack; log it."""
     config, run, data = stage.config, stage.run, stage.config.data
+    check_base_model(config.model, config.data.max_length)
     splits, dropped, content_sha = build_conversation_splits(data)
     tokenizer = load_tokenizer(config.model)
     default_template = ensure_chat_template(tokenizer)

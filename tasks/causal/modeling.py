@@ -6,12 +6,38 @@ from pathlib import Path
 
 import torch
 from optimum.onnxruntime import ORTModelForCausalLM
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from tasks.common.config import LoraSection, ModelConfig
-from tasks.common.errors import ModelError
-from tasks.common.models import resolve_model_path, with_adapter, with_lora
+from tasks.common.errors import ConfigError, ModelError
+from tasks.common.models import (
+    base_model_config,
+    check_max_length,
+    is_decoder,
+    resolve_model_path,
+    with_adapter,
+    with_lora,
+)
 from tasks.common.onnx import CUDA, providers_for, require_provider, session_options
+
+
+def check_base_model(model_cfg: ModelConfig, max_length: int) -> None:
+    """Refuse, before any work, a base model that has no causal-LM head in transformers."""
+    model_config = base_model_config(model_cfg)
+    trained_as = ", ".join(model_config.architectures or ()) or "no architectures"
+    encoder = bool(model_config.architectures) and not is_decoder(model_config)
+    if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        encoder and not model_config.is_decoder  # BERT has an LM head, but sees both ways
+    ):
+        raise ConfigError(
+            f"model.name_or_path {model_cfg.name_or_path!r} is a {model_config.model_type!r} "
+            f"model without a causal-LM head ({trained_as}): task causal_lm needs a decoder "
+            f"such as Llama, Qwen, Mistral or GPT-2; set task: sequence_classification for an "
+            f"encoder"
+        )
+    check_max_length(model_cfg, max_length, model_config)
 
 
 def load_causal_lm(source: str, trust_remote_code: bool = False, dtype=torch.float32):
@@ -20,10 +46,10 @@ def load_causal_lm(source: str, trust_remote_code: bool = False, dtype=torch.flo
         return AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelError(
-            f"cannot load a causal LM from {source!r}: {exc} (task causal_lm needs a decoder "
-            f"such as Llama, Qwen, Mistral or GPT-2)"
+            f"cannot load a causal LM from {source!r}: {type(exc).__name__}: {exc} (task "
+            f"causal_lm needs a decoder such as Llama, Qwen, Mistral or GPT-2)"
         ) from exc
 
 

@@ -70,7 +70,7 @@ def compare(
     stage: StageContext, data: PreparedData, served: ServeReport, evaluation: Evaluation
 ) -> Comparison | None:
     """Paired bootstrap of the per-prompt registry.metric: served candidate minus production."""
-    if evaluation.production_answers is None:
+    if evaluation.production_answers is None or evaluation.production_refusal is not None:
         return None
     registry = stage.config.registry
     production = per_example(registry.metric, evaluation.production_answers, served.references)

@@ -7,54 +7,73 @@ inputs, unpadded; the collator pads per batch), `tokenizer` and `label_names.jso
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, Value, load_from_disk
 from sklearn.model_selection import train_test_split
 
+from tasks.classification.modeling import check_base_model
 from tasks.common.config import DataConfig, PipelineConfig
+from tasks.common.credentials import redact
 from tasks.common.datasets import (
     SPLITS,
+    columns_found,
     content_sha256,
     find_split_files,
     finish_splits,
-    load_frame,
+    load_rows,
     log_dataset_inputs,
+    require_text,
 )
 from tasks.common.errors import DataError
 from tasks.common.models import load_tokenizer
 from tasks.common.stage import StageContext
-from tasks.common.tracking import redact
 from tasks.records import PreparedData
 
 LABELS_FILE = "label_names.json"
 
 
 def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
-    """Read one file of labelled texts; checks the configured text and label columns."""
-    frame = load_frame(path, data)
-    missing = [c for c in (data.text_column, data.label_column) if c not in frame.columns]
+    """One file of labelled texts as (text, label) strings; checks the columns and their types."""
+    rows = load_rows(path, data)
+    wanted = (data.text_column, data.label_column)
+    missing = [c for c in wanted if c not in rows.column_names]
     if missing:
         raise DataError(
-            f"data file {path} has no column {', '.join(map(repr, missing))}; columns found: "
-            f"{', '.join(map(repr, frame.columns))}; set data.text_column / data.label_column"
+            f"data file {path} has no column {', '.join(map(repr, missing))}; "
+            f"{columns_found(rows.column_names)}; set data.text_column / data.label_column"
         )
-    return frame
-
-
-def clean(frame: pd.DataFrame, data: DataConfig, where: str) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Keep text/label, strip texts, drop empty texts, missing labels and exact duplicates."""
-    out = pd.DataFrame(
-        {
-            "text": frame[data.text_column].astype("string").str.strip(),
-            "label": frame[data.label_column],
-        }
+    require_text(
+        rows,
+        data.text_column,
+        path,
+        "convert the texts to strings, or set data.text_column to the column that holds them",
     )
-    empty = out["text"].isna() | (out["text"] == "")
-    no_label = out["label"].isna()
-    out = out[~empty & ~no_label].copy()
-    out["label"] = out["label"].astype(str).str.strip()
+    label = rows.features[data.label_column]
+    if not isinstance(label, Value):
+        raise DataError(
+            f"data file {path}: column {data.label_column!r} holds "
+            f"{type(label).__name__.lower()} values; a label is one name or number per row"
+        )
+    if label.dtype not in ("string", "large_string"):
+        rows = rows.cast_column(data.label_column, Value("string"))  # 1 -> "1", as written
+    frame = rows.select_columns(list(wanted)).to_pandas()
+    return frame.rename(columns={data.text_column: "text", data.label_column: "label"})
+
+
+def clean(frame: pd.DataFrame, where: str) -> tuple[pd.DataFrame, dict[str, int], Counter]:
+    """Strip texts and labels, drop empty texts, missing labels and exact duplicates; returns
+    the rows, the drop counts and how often each label was written (before stripping)."""
+    text = frame["text"].astype("string").str.strip()
+    label = frame["label"].astype("string")
+    empty = text.isna() | (text == "")
+    no_label = label.isna() | (label.str.strip() == "")
+    spellings = Counter(label[~empty & ~no_label])
+    out = pd.DataFrame({"text": text, "label": label.str.strip()})[~empty & ~no_label]
+    out = out.astype(str)
     before = len(out)
     out = out.drop_duplicates(subset="text", keep="first")
     counts = {
@@ -67,7 +86,23 @@ def clean(frame: pd.DataFrame, data: DataConfig, where: str) -> tuple[pd.DataFra
             f"data {where}: no rows left after dropping empty texts and missing labels "
             f"({counts['empty_text']} empty texts, {counts['missing_label']} missing labels)"
         )
-    return out.reset_index(drop=True), counts
+    return out.reset_index(drop=True), counts, spellings
+
+
+def check_spellings(spellings: Counter, where: str) -> None:
+    """Labels that differ only in letter case or spacing are an error, never merged or split."""
+    groups: dict[str, list[str]] = {}
+    for written in spellings:
+        groups.setdefault("".join(written.casefold().split()), []).append(written)
+    clashes = [sorted(names) for names in groups.values() if len(names) > 1]
+    if clashes:
+        listing = "; ".join(
+            " and ".join(f"{n!r} ({spellings[n]} rows)" for n in names) for names in clashes[:3]
+        )
+        raise DataError(
+            f"data: labels {listing} differ only in letter case or spacing ({where}); they would "
+            f"become separate classes: write each class the same way in every row"
+        )
 
 
 def carve(frame: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -78,6 +113,15 @@ def carve(frame: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, p
         raise DataError(
             f"data: classes {', '.join(map(repr, rare.index))} have fewer than 2 rows; "
             f"a stratified split needs at least 2 rows per class (add rows)"
+        )
+    cut_rows = math.ceil(share * len(frame))  # as train_test_split counts them
+    smaller = min(cut_rows, len(frame) - cut_rows)
+    if smaller < len(counts):
+        raise DataError(
+            f"data: cutting {share:.0%} of {len(frame)} rows leaves {smaller} rows on one side "
+            f"for {len(counts)} classes; a stratified split needs at least one row per class on "
+            f"each side: add rows, or set data.split.test / data.split.validation so that "
+            f"each share holds at least {len(counts)} rows"
         )
     rest, part = train_test_split(
         frame, test_size=share, random_state=seed, stratify=frame["label"]
@@ -108,10 +152,13 @@ def build_splits(data: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, i
     files = find_split_files(data)
     dropped = {"empty_text": 0, "missing_label": 0, "duplicates": 0}
     splits: dict[str, pd.DataFrame] = {}
+    spellings: Counter = Counter()
     for name, path in files.items():
-        splits[name], counts = clean(read_table(path, data), data, where=str(path))
+        splits[name], counts, written = clean(read_table(path, data), where=str(path))
+        spellings += written
         for key, value in counts.items():
             dropped[key] += value
+    check_spellings(spellings, ", ".join(str(p) for p in files.values()))
     dropped["leaked"] = finish_splits(splits, data, carve)
     return splits, dropped, content_sha256(list(files.values()))
 
@@ -143,6 +190,7 @@ def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], config: Pi
 def prepare_data(stage: StageContext) -> PreparedData:
     """Read the configured data, clean and split it, tokenize, save and log it."""
     config, run = stage.config, stage.run
+    check_base_model(config.model, config.data.max_length)
     splits, dropped, content_sha = build_splits(config.data)
     names = check_labels(splits)
     dataset, tokenizer, truncated = tokenize(splits, names, config)

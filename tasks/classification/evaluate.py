@@ -22,16 +22,26 @@ from tasks.records import Evaluation, PreparedData, TrainedAdapter
 TASK = "sequence_classification"
 
 
-def production_answers(stage: StageContext, texts) -> tuple[str | None, list[str] | None]:
-    """(version, predicted label names) of models:/NAME@production on texts, or Nones."""
+def production_answers(stage: StageContext, texts, names: list[str]):
+    """(version, predicted label names, why it cannot be compared) of models:/NAME@production
+    on texts; Nones without a production model."""
     name = stage.config.registry.model_name
     version = production_version(stage.run.client, name, TASK)
     if version is None:
-        return None, None
+        return None, None, None
     with stage.run.tracking.fluent():
         served = mlflow.pyfunc.load_model(f"models:/{name}@{PRODUCTION}")
     predicted = served.predict(pd.DataFrame({"text": list(texts)}))["label"]
-    return str(version.version), [str(label) for label in predicted]
+    held = [str(label) for label in served.unwrap_python_model().labels]
+    refusal = None
+    if set(held) != set(names):
+        refusal = (
+            f"production v{version.version} predicts the labels {sorted(held)} but this data has "
+            f"{sorted(names)}; a champion comparison needs the same label set: fix the labels, "
+            f"or promote the new version by hand (promote --force) if the classes changed on "
+            f"purpose"
+        )
+    return str(version.version), [str(label) for label in predicted], refusal
 
 
 def evaluate(stage: StageContext, data: PreparedData, trained: TrainedAdapter) -> Evaluation:
@@ -60,7 +70,7 @@ def evaluate(stage: StageContext, data: PreparedData, trained: TrainedAdapter) -
             "predicted": [names[i] for i in y_pred],
         }
     )
-    version, answers = production_answers(stage, test["text"])
+    version, answers, refusal = production_answers(stage, test["text"], names)
     prod_metrics = None
     if answers is not None:
         prod_pred = label_ids(answers, names)
@@ -80,4 +90,5 @@ def evaluate(stage: StageContext, data: PreparedData, trained: TrainedAdapter) -
         production_version=version,
         production_metrics=prod_metrics,
         production_answers=answers,
+        production_refusal=refusal,
     )

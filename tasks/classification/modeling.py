@@ -12,11 +12,35 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from tasks.common.config import LoraSection, ModelConfig
-from tasks.common.errors import ModelError
-from tasks.common.models import resolve_model_path, with_adapter, with_lora
+from tasks.common.errors import ConfigError, ModelError
+from tasks.common.models import (
+    base_model_config,
+    check_max_length,
+    is_decoder,
+    resolve_model_path,
+    with_adapter,
+    with_lora,
+)
+
+
+def check_base_model(model_cfg: ModelConfig, max_length: int) -> None:
+    """Refuse, before any work, a base model this task cannot fine-tune or serve.
+
+    Limit: decoders (Llama, GPT-2, ...) are not supported as classifiers here; their ONNX export
+    and padding differ. Fine-tune them with task: causal_lm.
+    """
+    model_config = base_model_config(model_cfg)
+    if is_decoder(model_config):
+        raise ConfigError(
+            f"model.name_or_path {model_cfg.name_or_path!r} is a decoder "
+            f"({', '.join(model_config.architectures)}): task sequence_classification needs an "
+            f"encoder such as BERT or MiniLM; set task: causal_lm to fine-tune a decoder"
+        )
+    check_max_length(model_cfg, max_length, model_config)
 
 
 def load_classifier(source: str, label_names: Sequence[str], trust_remote_code: bool = False):
@@ -31,8 +55,11 @@ def load_classifier(source: str, label_names: Sequence[str], trust_remote_code: 
             trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=False,
         )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model weights from {source!r}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelError(
+            f"cannot load model weights from {source!r}: {type(exc).__name__}: {exc}; the "
+            f"folder needs complete *.safetensors weights (save_pretrained writes them)"
+        ) from exc
     return model
 
 

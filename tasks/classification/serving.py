@@ -61,7 +61,7 @@ def compare(
     stage: StageContext, data: PreparedData, served: ServeReport, evaluation: Evaluation
 ) -> Comparison | None:
     """Paired bootstrap of the served candidate minus production (registry.metric)."""
-    if evaluation.production_answers is None:
+    if evaluation.production_answers is None or evaluation.production_refusal is not None:
         return None
     registry, names = stage.config.registry, label_names(stage, data)
     return paired_bootstrap(

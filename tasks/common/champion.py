@@ -1,26 +1,18 @@
-"""Champion comparison: paired bootstrap confidence interval of a metric difference."""
+"""Champion comparison: a paired bootstrap confidence interval of a metric difference.
+
+Both models answered the same examples; each resample draws the examples (with replacement)
+once for both. Resamples are computed as arrays, a chunk at a time, so registry's largest
+bootstrap_samples (100,000) takes seconds and bounded memory.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-
-def _macro_f1(y: np.ndarray, p: np.ndarray, k: int) -> float:
-    """Macro-F1 over k classes (a prediction of -1, an unknown label, is wrong for every class)."""
-    p = np.where(p < 0, k, p)
-    tp = np.bincount(y[y == p], minlength=k + 1)[:k]
-    denom = np.bincount(p, minlength=k + 1)[:k] + np.bincount(y, minlength=k)[:k]
-    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
-    return float(f1.mean())
-
-
-def metric_value(name: str, y: np.ndarray, p: np.ndarray, k: int) -> float:
-    if name == "accuracy":
-        return float(np.mean(y == p))
-    return _macro_f1(y, p, k)
+CHUNK_ELEMENTS = 2_000_000  # resampled example indices held at once (16 MB of int64)
 
 
 @dataclass(frozen=True)
@@ -34,15 +26,50 @@ class Comparison:
     confidence: float
 
 
-def _bootstrap(metric: str, delta_on, n: int, samples: int, confidence: float, seed: int):
-    """delta_on(indices) for all n examples and for `samples` resamples with replacement."""
+def _macro_f1(y: np.ndarray, p: np.ndarray, k: int) -> np.ndarray:
+    """Macro-F1 of each row of (rows, n) label ids; a prediction of -1 (a label the model
+    does not know) is wrong for every class."""
+    rows = np.arange(y.shape[0])[:, None]
+    p = np.where(p < 0, k, p)
+    hit = y == p
+    tp = np.bincount((rows * k + y)[hit], minlength=len(y) * k).reshape(-1, k)
+    predicted = np.bincount((rows * (k + 1) + p).ravel(), minlength=len(y) * (k + 1))
+    predicted = predicted.reshape(-1, k + 1)[:, :k]
+    actual = np.bincount((rows * k + y).ravel(), minlength=len(y) * k).reshape(-1, k)
+    denom = predicted + actual
+    f1 = np.divide(2 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
+    return f1.mean(axis=1)
+
+
+def metric_rows(name: str, y: np.ndarray, p: np.ndarray, k: int) -> np.ndarray:
+    """accuracy or macro_f1 of each row."""
+    if name == "accuracy":
+        return (y == p).mean(axis=1)
+    return _macro_f1(y, p, k)
+
+
+def _bootstrap(
+    metric: str,
+    delta_rows: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    samples: int,
+    confidence: float,
+    seed: int,
+) -> Comparison:
+    """delta_rows(indices (rows, n)) on all n examples, and on `samples` resamples."""
     rng = np.random.default_rng(seed)
-    deltas = np.array([delta_on(rng.integers(0, n, n)) for _ in range(samples)])
+    chunk = max(1, CHUNK_ELEMENTS // max(n, 1))
+    deltas = np.concatenate(
+        [
+            delta_rows(rng.integers(0, n, (min(chunk, samples - start), n)))
+            for start in range(0, samples, chunk)
+        ]
+    )
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(deltas, [tail, 100 - tail])
     return Comparison(
         metric=metric,
-        delta=float(delta_on(np.arange(n))),
+        delta=float(delta_rows(np.arange(n)[None, :])[0]),
         low=float(low),
         high=float(high),
         confidence=confidence,
@@ -59,15 +86,16 @@ def paired_bootstrap(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Comparison:
-    """Classification: resample test examples (same rows for both models) `samples` times."""
+    """Classification: the metric recomputed on each resample of the test examples."""
     y, c, p = (np.asarray(a, dtype=np.int64) for a in (y_true, candidate, production))
 
-    def delta_on(idx):
-        return metric_value(metric, y[idx], c[idx], num_classes) - metric_value(
-            metric, y[idx], p[idx], num_classes
+    def delta_rows(idx: np.ndarray) -> np.ndarray:
+        yi = y[idx]
+        return metric_rows(metric, yi, c[idx], num_classes) - metric_rows(
+            metric, yi, p[idx], num_classes
         )
 
-    return _bootstrap(metric, delta_on, len(y), samples, confidence, seed)
+    return _bootstrap(metric, delta_rows, len(y), samples, confidence, seed)
 
 
 def paired_bootstrap_scores(
@@ -82,6 +110,7 @@ def paired_bootstrap_scores(
     c, p = np.asarray(candidate, dtype=np.float64), np.asarray(production, dtype=np.float64)
     if c.shape != p.shape or not len(c):
         raise ValueError(f"{len(c)} candidate scores vs {len(p)} production scores")
+    difference = c - p
     return _bootstrap(
-        metric, lambda idx: float(np.mean(c[idx] - p[idx])), len(c), samples, confidence, seed
+        metric, lambda idx: difference[idx].mean(axis=1), len(c), samples, confidence, seed
     )

@@ -5,25 +5,49 @@ Unknown keys are errors that name the key's dotted path; every number is range-c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from lora_core import LoraConfig, LoraError
 from tasks.common.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a value of the wrong type is an error, never converted (true is not 1, "yes" not 1.0)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class SplitConfig(_Section):
-    """Fractions used when the data comes as one file to split (stratified, seeded)."""
+    """Fractions used when the data comes as one file to split (stratified, seeded).
+
+    validation 0 means no validation split: no per-epoch evaluation during training.
+    """
 
     validation: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows for validation.")
     test: float = Field(0.2, gt=0.0, lt=1.0, description="Share of rows for the test split.")
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> SplitConfig:
+        train = 1.0 - self.validation - self.test
+        if train < 0.1 - 1e-9:
+            raise ValueError(
+                f"data.split: validation {self.validation:g} + test {self.test:g} leaves "
+                f"{max(train, 0):.0%} of the rows for training; keep their sum at 0.9 or "
+                f"less (e.g. validation 0.1, test 0.2)"
+            )
+        return self
 
 
 class DataConfig(_Section):
@@ -56,10 +80,27 @@ class DataConfig(_Section):
         "(position ids restart per example, so attention stays within each example).",
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
-    seed: int = Field(42, description="Seed of the stratified split.")
-    max_length: int = Field(
-        128, gt=0, le=32768, description="Tokens kept per example (truncation is counted)."
+    seed: int = Field(
+        42, ge=0, lt=2**32, description="Seed of the stratified split (0 to 2**32 - 1)."
     )
+    max_length: int = Field(
+        128,
+        ge=8,
+        le=32768,
+        description="Tokens kept per example (truncation is counted); at most the base model's "
+        "position limit, which prepare_data checks.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> DataConfig:
+        for first, second in (("text", "label"), ("prompt", "response")):
+            a, b = getattr(self, f"{first}_column"), getattr(self, f"{second}_column")
+            if a == b:
+                raise ValueError(
+                    f"data.{first}_column and data.{second}_column are both {a!r}: name two "
+                    f"different columns"
+                )
+        return self
 
 
 class ModelConfig(_Section):
@@ -75,8 +116,10 @@ class ModelConfig(_Section):
 class LoraSection(_Section):
     """LoRA hyper-parameters, passed to lora_core.LoraConfig (which validates them again)."""
 
-    r: int = Field(8, gt=0, description="Rank of the update B @ A.")
-    alpha: float = Field(16.0, gt=0, description="Scale numerator: delta = alpha / r * B @ A.")
+    r: int = Field(8, gt=0, le=4096, description="Rank of the update B @ A.")
+    alpha: float = Field(
+        16.0, gt=0, le=1e6, description="Scale numerator: delta = alpha / r * B @ A."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field(
         default_factory=lambda: ["query", "key", "value", "dense"],
@@ -91,21 +134,45 @@ class LoraSection(_Section):
     init: Literal["default", "gaussian"] = Field("default", description="Init of A (B is zero).")
     bias: Literal["none", "lora_only", "all"] = Field("none", description="Which biases train.")
 
+    @model_validator(mode="after")
+    def _valid_for_lora_core(self) -> LoraSection:
+        """The same checks lora_core makes (empty target lists, bad regexes...), up front."""
+        try:
+            LoraConfig(**self.model_dump())
+        except LoraError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class TrainConfig(_Section):
     """Trainer settings. Device and precision are picked automatically unless set."""
 
-    epochs: float = Field(3.0, gt=0, description="Passes over the training split.")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many steps (-1: use epochs).")
-    batch_size: int = Field(16, gt=0, description="Examples per training step.")
-    learning_rate: float = Field(
-        5e-4, gt=0, description="Peak learning rate (LoRA likes 1e-4..1e-3)."
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split.")
+    max_steps: int = Field(
+        -1, ge=-1, le=10_000_000, description="Stop after this many steps (-1: use epochs)."
     )
-    weight_decay: float = Field(0.01, ge=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError(
+                "train.max_steps 0 would train nothing: use -1 (train.epochs decides) or a "
+                "positive number of steps"
+            )
+        return value
+
+    batch_size: int = Field(16, gt=0, le=65536, description="Examples per training step.")
+    learning_rate: float = Field(
+        5e-4, gt=0, le=1, description="Peak learning rate (LoRA likes 1e-4..1e-3)."
+    )
+    weight_decay: float = Field(0.01, ge=0, le=10)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    logging_steps: int = Field(10, gt=0, description="Log loss/lr/grad norm every N steps.")
+    logging_steps: int = Field(
+        10, gt=0, le=1_000_000, description="Log loss/lr/grad norm every N steps."
+    )
     group_by_length: bool = Field(True, description="Batch texts of similar length (less padding).")
-    seed: int = Field(42)
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed of training (0 to 2**32 - 1).")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, mps, cpu."
     )
@@ -129,12 +196,15 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Test-split evaluation."""
 
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, le=65536, description="Examples per evaluation batch.")
     max_new_tokens: int = Field(
-        64, gt=0, description="causal_lm: greedy tokens generated per test prompt."
+        64, gt=0, le=4096, description="causal_lm: greedy tokens generated per test prompt."
     )
     generation_prompts: int = Field(
-        64, gt=0, description="causal_lm: test prompts answered by each model (all if fewer)."
+        64,
+        gt=0,
+        le=100_000,
+        description="causal_lm: test prompts answered by each model (all if fewer).",
     )
 
 
@@ -149,14 +219,21 @@ class MergeConfig(_Section):
 class ExportConfig(_Section):
     """ONNX export of the merged model."""
 
-    opset: int | None = Field(None, ge=11, description="ONNX opset; None lets optimum choose.")
+    opset: int | None = Field(
+        None, ge=11, le=23, description="ONNX opset (11-23); None lets optimum choose."
+    )
     parity_max_abs_diff: float = Field(
         1e-4, gt=0, description="Gate: ONNX fp32 vs PyTorch logits, max abs difference."
     )
     parity_new_tokens: int = Field(
-        32, gt=0, description="causal_lm gate: greedy tokens that must match PyTorch exactly."
+        32,
+        gt=0,
+        le=4096,
+        description="causal_lm gate: greedy tokens that must match PyTorch exactly.",
     )
-    parity_prompts: int = Field(8, gt=0, description="causal_lm: probe prompts for the gates.")
+    parity_prompts: int = Field(
+        8, gt=0, le=10_000, description="causal_lm: probe prompts for the gates."
+    )
 
 
 QuantVariant = Literal[
@@ -179,7 +256,7 @@ class QuantizeConfig(_Section):
         description="Candidates to try; static ones are calibrated on training texts.",
     )
     calibration_samples: int = Field(
-        64, gt=0, description="Training texts used to calibrate static quantization."
+        64, gt=0, le=100_000, description="Training texts used to calibrate static quantization."
     )
     min_top1_agreement: float = Field(
         0.97, ge=0, le=1, description="Gate: share of test predictions equal to fp32's."
@@ -196,6 +273,7 @@ class QuantizeConfig(_Section):
     max_perplexity_increase: float = Field(
         0.05,
         ge=0,
+        le=100,
         description="causal_lm gate: test perplexity over fp32's, minus 1 (0.05: at most 5% up).",
     )
     fallback_to_fp32: bool = Field(
@@ -209,32 +287,50 @@ class ServeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="cuda asks for the CUDA provider (error if it is not active)."
     )
-    latency_runs: int = Field(50, gt=0, description="Timed batch-1 requests per engine.")
-    warmup_runs: int = Field(5, ge=0, description="Untimed requests before timing.")
-    throughput_batch_sizes: list[int] = Field(
+    latency_runs: int = Field(
+        50, gt=0, le=100_000, description="Timed batch-1 requests per engine."
+    )
+    warmup_runs: int = Field(5, ge=0, le=10_000, description="Untimed requests before timing.")
+    throughput_batch_sizes: list[Annotated[int, Field(gt=0, le=4096)]] = Field(
         default_factory=lambda: [8, 32],
         min_length=1,
+        max_length=16,
         description="Batch sizes timed for throughput.",
     )
     num_threads: int = Field(
-        0, ge=0, description="Intra-op threads for every engine; 0: all cores."
+        0, ge=0, le=1024, description="Intra-op threads for every engine; 0: all cores."
     )
     served_model_check: bool = Field(
         True, description="Start `mlflow models serve` and compare answers before promoting."
     )
     golden_requests: int = Field(
-        64, gt=0, description="Test texts sent to the served model (all of them if fewer)."
+        64,
+        gt=0,
+        le=10_000,
+        description="Test texts sent to the served model (all of them if fewer).",
     )
     decode_tokens: int = Field(
-        32, gt=0, description="causal_lm: tokens generated per timed request (tokens/second)."
+        32,
+        gt=0,
+        le=4096,
+        description="causal_lm: tokens generated per timed request (tokens/second).",
     )
-    served_start_timeout_s: float = Field(180, gt=0, description="Wait for the server this long.")
+    served_start_timeout_s: float = Field(
+        180, gt=0, le=3600, description="Wait for the server this long."
+    )
 
 
 class RegistryConfig(_Section):
     """MLflow Model Registry: registration and the production alias."""
 
-    model_name: str = Field("lora-text-classifier", min_length=1)
+    model_name: str = Field(
+        "lora-text-classifier",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Registered model name: letters, digits, '.', '_' and '-', starting with a "
+        "letter or digit.",
+    )
     promote: bool = Field(True, description="Move 'production' when every gate passes.")
     metric: Literal["accuracy", "macro_f1", "rouge_l", "exact_match"] = Field(
         "macro_f1",
@@ -248,7 +344,9 @@ class RegistryConfig(_Section):
         description="Non-inferiority margin: the 95% CI lower bound of candidate minus production "
         "must be >= -tolerance.",
     )
-    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples.")
+    bootstrap_samples: int = Field(
+        1000, ge=100, le=100_000, description="Paired bootstrap resamples (100 to 100,000)."
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the interval.")
 
 
@@ -256,7 +354,19 @@ class TrackingConfig(_Section):
     """Where MLflow writes. None means MLFLOW_TRACKING_URI, else a local SQLite file."""
 
     uri: str | None = Field(None, description="Tracking URI (default: sqlite:///mlruns/mlflow.db).")
-    experiment: str = Field("lora-retrain")
+    experiment: str = Field("lora-retrain", min_length=1, max_length=500)
+    lease_ttl_s: float = Field(
+        60,
+        ge=5,
+        le=3600,
+        description="A run whose holder sent no heartbeat for this long (from another host) "
+        "may be taken over; on its own host a dead holder frees it at once.",
+    )
+    credentials_block: str | None = Field(
+        None,
+        description="Prefect Secret block holding 'user:password' for the tracking server "
+        "(else MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from the environment).",
+    )
     artifact_location: str | None = Field(
         None, description="Artifact root for a new experiment (default: mlruns/artifacts)."
     )
@@ -272,11 +382,29 @@ class TaskSettings:
     metrics: tuple[str, ...]  # registry.metric choices
     variants: tuple[str, ...]  # quantize.variants choices
     defaults: dict[tuple[str, str], Any]  # (section, key) -> value, where the key is not given
+    unused: tuple[tuple[str, str], ...]  # keys that do nothing for this task: set, an error
 
 
 ALL_VARIANTS = QuantVariant.__args__
 TASK_SETTINGS = {
-    "sequence_classification": TaskSettings(("accuracy", "macro_f1"), ALL_VARIANTS, {}),
+    "sequence_classification": TaskSettings(
+        ("accuracy", "macro_f1"),
+        ALL_VARIANTS,
+        {},
+        (
+            ("data", "prompt_column"),
+            ("data", "response_column"),
+            ("data", "messages_column"),
+            ("data", "packing"),
+            ("eval", "max_new_tokens"),
+            ("eval", "generation_prompts"),
+            ("export", "parity_new_tokens"),
+            ("export", "parity_prompts"),
+            ("quantize", "min_token_agreement"),
+            ("quantize", "max_perplexity_increase"),
+            ("serve", "decode_tokens"),
+        ),
+    ),
     # decoders: LoRA on the attention and MLP projections of any family (all-linear leaves
     # lm_head alone), no new head to save; static int8 would need a calibrated KV-cache graph
     "causal_lm": TaskSettings(
@@ -289,8 +417,24 @@ TASK_SETTINGS = {
             ("registry", "model_name"): "lora-causal-lm",
             ("quantize", "variants"): ["dynamic_per_channel", "dynamic_per_tensor"],
         },
+        (
+            ("data", "text_column"),
+            ("data", "label_column"),
+            ("quantize", "min_top1_agreement"),
+            ("quantize", "max_accuracy_drop"),
+            ("quantize", "calibration_samples"),
+            ("serve", "throughput_batch_sizes"),
+        ),
     ),
 }
+
+
+def _changed(section: BaseModel, key: str) -> bool:
+    """Set to something else than its default (a dumped config repeats every default)."""
+    field = type(section).model_fields[key]
+    return key in section.model_fields_set and getattr(section, key) != field.get_default(
+        call_default_factory=True
+    )
 
 
 class PipelineConfig(_Section):
@@ -312,12 +456,21 @@ class PipelineConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    output_dir: str = Field("outputs", description="Local working folder for stage outputs.")
+    output_dir: str = Field(
+        "outputs", min_length=1, description="Local working folder for stage outputs."
+    )
 
     @model_validator(mode="after")
     def _task_defaults(self) -> PipelineConfig:
         """Fill the task's defaults for keys not given; reject settings that don't fit it."""
         settings = TASK_SETTINGS[self.task]
+        unused = [f"{s}.{k}" for s, k in settings.unused if _changed(getattr(self, s), k)]
+        if unused:
+            one = len(unused) == 1
+            raise ValueError(
+                f"{', '.join(unused)} {'is' if one else 'are'} not used by task {self.task} "
+                f"(settings of another task): remove {'it' if one else 'them'}"
+            )
         for (section, key), value in settings.defaults.items():
             node = getattr(self, section)
             if key not in node.model_fields_set:
@@ -360,7 +513,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"override {text!r} is not KEY=VALUE: write it like train.epochs=2 or lora.r=16"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
     return key.strip().split("."), value
@@ -380,19 +533,101 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+PATTERN_HINTS = {
+    "registry.model_name": "use letters, digits, '.', '_' and '-', starting with a letter or digit",
+}
+
+
+def _problem(err: dict) -> str:
+    """One validation error as 'path: what is wrong (got value)'."""
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key (check its spelling; see configs/default.yaml)"
+    if err["type"] == "value_error":  # our own checks: the message names the keys
+        return err["msg"].removeprefix("Value error, ")
+    if err["type"] == "string_pattern_mismatch" and path in PATTERN_HINTS:
+        return f"{path}: {err.get('input')!r} is not allowed: {PATTERN_HINTS[path]}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {err['msg']} (got {err.get('input')!r})"
+
+
 def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"invalid config {source}:"]
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (check its spelling; see configs/default.yaml)")
-        elif err["type"] == "value_error" and not err["loc"]:  # a cross-section check
-            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
-        elif err["type"] == "missing":
-            lines.append(f"  {path}: required key is missing")
-        else:
-            lines.append(f"  {path}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+    """Every problem of the config, on one line."""
+    return f"invalid config {source}: " + "; ".join(_problem(err) for err in exc.errors())
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(key, first_line, second_line)
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that
+    - a key given twice in one mapping is an error (plain YAML keeps the last one silently);
+    - numbers are read as YAML 1.2 reads them: 010 and 1:30 are not the integers 8 and 90
+      (YAML 1.1 octal and base-60), but text, which the config then refuses; 1e-4 is a float.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key == "<<":  # merge keys may repeat
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT = re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+UniqueKeyLoader.add_implicit_resolver(INT_TAG, _INT, list("-+0123456789"))
+UniqueKeyLoader.add_implicit_resolver(FLOAT_TAG, _FLOAT, list("-+.0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document, read with UniqueKeyLoader, aliases unfolded into separate copies (an
+    anchored section overridden through one of its names must not change the others)."""
+    return _unshared(yaml.load(text, Loader=UniqueKeyLoader))  # noqa: S506 - a safe loader
+
+
+def _unshared(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _unshared(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_unshared(value) for value in tree]
+    return tree
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in path; ConfigError for bad YAML, bad text or repeated keys."""
+    try:
+        return parse_yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKey as exc:
+        raise ConfigError(
+            f"config file {path}: key {exc.key!r} is given twice in one section (lines "
+            f"{exc.first_line} and {exc.second_line}); YAML would keep only the last one: "
+            f"remove one of them"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): re-save "
+            f"it as UTF-8"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -402,10 +637,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(
             f"config file {path} not found: pass an existing YAML file (e.g. configs/default.yaml)"
         )
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    tree = read_yaml(path)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):

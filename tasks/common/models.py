@@ -6,11 +6,11 @@ import importlib
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lora_core import LoraConfig, LoraError, inject_lora, load_adapter
 from tasks.common.config import LoraSection, ModelConfig
-from tasks.common.errors import ModelError
+from tasks.common.errors import ConfigError, ModelError
 from tasks.common.storage import folder_size_mb
 
 PACKAGE_PREFIX = "package:"
@@ -50,12 +50,48 @@ def base_model_mb(model: ModelConfig) -> float:
     return folder_size_mb(resolve_model_path(model.name_or_path))
 
 
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+DECODER_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def base_model_config(model: ModelConfig):
+    """The base model's transformers config (read once, before any data is tokenized)."""
+    path = resolve_model_path(model.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any unreadable config is the user's to fix
+        raise ModelError(
+            f"cannot read the model config of {path!r}: {type(exc).__name__}: {exc}; give a "
+            f"folder saved with save_pretrained, or a hub id"
+        ) from exc
+
+
+def is_decoder(model_config) -> bool:
+    """Whether the base model is a generative decoder (Llama, GPT-2, ...), by its architectures."""
+    return any(a.endswith(DECODER_HEADS) for a in model_config.architectures or ())
+
+
+def check_max_length(model: ModelConfig, max_length: int, model_config=None) -> None:
+    """data.max_length must fit the base model's positions (else embeddings index past them)."""
+    model_config = model_config or base_model_config(model)
+    limits = [getattr(model_config, f) for f in POSITION_FIELDS if getattr(model_config, f, None)]
+    if limits and max_length > min(limits):
+        raise ConfigError(
+            f"data.max_length {max_length} is more than the {min(limits)} positions the base "
+            f"model {model.name_or_path!r} has: set data.max_length to {min(limits)} or less"
+        )
+
+
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     path = resolve_model_path(model.name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers raises TypeError, OSError, ValueError...
+        raise ModelError(
+            f"cannot load a tokenizer from {path!r} ({type(exc).__name__}: {exc}): the model "
+            f"folder needs its tokenizer files (tokenizer.json or vocab files); save them with "
+            f"tokenizer.save_pretrained(folder)"
+        ) from exc
 
 
 def lora_config(section: LoraSection) -> LoraConfig:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.common.errors import PipelineError
+from tasks.common.processes import start_group
 
 
 def free_port() -> int:
@@ -27,7 +27,11 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_models_serve(model_uri: str, tracking_uri: str, timeout_s: float = 180) -> Iterator[str]:
-    """Start `mlflow models serve` (this environment, no new one) and yield its base URL."""
+    """Start `mlflow models serve` (this environment, no new one) and yield its base URL.
+
+    It runs in a process group of its own with a watchdog (tasks/common/processes.py), so it
+    is stopped when the block ends and killed if this process dies first.
+    """
     port = free_port()
     venv_bin = str(Path(sys.executable).parent)  # mlflow execs uvicorn from PATH
     env = {
@@ -36,39 +40,15 @@ def mlflow_models_serve(model_uri: str, tracking_uri: str, timeout_s: float = 18
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            model_uri,
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    group = start_group(command, grace_s=30, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(server, log, url, timeout_s)
+        _wait_ready(group.process, log, url, timeout_s)
         yield url
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
+        group.stop()
         log.close()
 
 

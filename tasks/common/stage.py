@@ -28,9 +28,13 @@ class StageContext:
         return self.run.run_id
 
     def stage_dir(self, name: str) -> Path:
-        """output_dir/<run id>/<name>, checked for access and free space before writing."""
-        folder = Path(self.config.output_dir) / self.run_id / name
-        return ensure_room(folder, need_mb(name, self.model_mb), name)
+        """output_dir/<run id>/<name>, checked for access and free space before writing; so is
+        the artifact store when it is a local folder (the stage's outputs are logged there)."""
+        need = need_mb(name, self.model_mb)
+        root = self.run.tracking.artifact_root
+        if root is not None:
+            ensure_room(root, need, name, setting="tracking.artifact_location")
+        return ensure_room(Path(self.config.output_dir) / self.run_id / name, need, name)
 
     def fetch(self, ref: ArtifactRef) -> Path:
         return self.run.fetch(ref)

@@ -28,8 +28,9 @@ def folder_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:
     return sum(f.stat().st_size for f in folder.glob(pattern)) / MB if folder.is_dir() else 0.0
 
 
-def ensure_room(folder: Path, need_mb: float, stage: str) -> Path:
-    """Create folder, prove it is writable and has need_mb free; clear error otherwise."""
+def ensure_room(folder: Path, need_mb: float, stage: str, setting: str = "output_dir") -> Path:
+    """Create folder, prove it is writable and has need_mb free; clear error otherwise.
+    `setting` is the config key that moves the folder (named in the fix)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder):
@@ -37,13 +38,13 @@ def ensure_room(folder: Path, need_mb: float, stage: str) -> Path:
     except OSError as exc:
         raise PipelineError(
             f"{stage}: output folder {folder} is not writable ({exc.strerror or exc}); set "
-            f"output_dir to a folder you can write to"
+            f"{setting} to a folder you can write to"
         ) from None
     free_mb = shutil.disk_usage(folder).free / MB
     if free_mb < need_mb:
         raise PipelineError(
             f"{stage}: not enough disk space in {folder}: {free_mb:.0f} MB free, about "
-            f"{need_mb:.0f} MB needed; free some space or point output_dir at a larger disk"
+            f"{need_mb:.0f} MB needed; free some space or point {setting} at a larger disk"
         )
     return folder
 

@@ -8,16 +8,20 @@ points MLflow at this store for their duration only.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 import yaml
@@ -28,8 +32,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from tasks.common.config import PipelineConfig, TrackingConfig
-from tasks.common.errors import PipelineError
+from tasks.common.credentials import redact
+from tasks.common.errors import ConfigError, PipelineError
 from tasks.common.gates import Gate
+from tasks.common.processes import exclusive
+from tasks.common.storage import ensure_room
 
 DEFAULT_STORE = Path("mlruns")
 TRACKED_PACKAGES = (
@@ -45,6 +52,22 @@ TRACKED_PACKAGES = (
 )
 _PARAM_BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch call
 _METRIC_BATCH = 1000
+_KEY_CHARS = re.compile(r"[^\w./\- ]")  # what MLflow accepts in a metric/param key (":" aside)
+_KEY_MAX = 250
+
+
+def metric_key(key: str) -> str:
+    """`key` as MLflow accepts it: other characters become "_", long keys are cut.
+
+    Labels come from user data ("refund (partial)", 300-character names), so a key built from
+    one may break MLflow's rules; a changed key gets a short hash of the original so that two
+    labels never share one.
+    """
+    clean = _KEY_CHARS.sub("_", key)
+    if clean == key and len(key) <= _KEY_MAX:
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{clean[: _KEY_MAX - 9]}-{digest}"
 
 
 def tracking_uri(tracking: TrackingConfig) -> str:
@@ -65,19 +88,98 @@ def _artifact_location(tracking: TrackingConfig, uri: str) -> str | None:
     return None  # a tracking server decides (e.g. proxied S3)
 
 
+def local_folder(location: str | None) -> Path | None:
+    """The folder of a file: artifact location (None for servers and object stores)."""
+    if not location:
+        return None
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(location) if parsed.scheme == "" else None
+
+
+def first_use_lock(uri: str):
+    """For a SQLite store, a file lock beside it (MLflow creates a new database's tables on
+    first use, and two processes doing that at once collide); no lock for servers."""
+    if uri.startswith("sqlite:///"):
+        return exclusive(Path(uri.removeprefix("sqlite:///") + ".lock"))
+    return nullcontext()
+
+
+def _create_experiment(client: MlflowClient, tracking: TrackingConfig, uri: str):
+    """Create the experiment; one created a moment ago by another process is fine too."""
+    location = _artifact_location(tracking, uri)
+    root = local_folder(location)
+    if root is not None:
+        ensure_room(root, 10, "tracking", setting="tracking.artifact_location")
+    try:
+        client.create_experiment(tracking.experiment, artifact_location=location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.get_experiment_by_name(tracking.experiment)
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+SUPPORTED_STORES = "sqlite:///path.db, postgresql://..., mysql://..., http(s)://host:port"
+_REACHED: set[str] = set()  # servers this process has reached: later outages get the retries
+
+
+def probe_server(uri: str) -> None:
+    """Fail fast on an HTTP tracking server that was never up, instead of MLflow's minutes of
+    retries. Once a server answered in this process, an outage is left to those retries."""
+    parts = urlparse(uri)
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2 -> postgresql
+    if scheme not in DEFAULT_PORTS or not parts.hostname or uri in _REACHED:
+        return
+    port = parts.port or DEFAULT_PORTS[scheme]
+    attempts = max(1, MLFLOW_HTTP_REQUEST_MAX_RETRIES.get())
+    for attempt in range(attempts):
+        try:
+            socket.create_connection((parts.hostname, port), timeout=3).close()
+        except socket.gaierror:
+            attempts = attempt + 1
+            break  # an unknown host does not come back by retrying
+        except OSError:
+            time.sleep(min(2.0, 0.25 * 2**attempt))
+            continue
+        _REACHED.add(uri)
+        return
+    raise PipelineError(
+        f"MLflow tracking server {redact(uri)} cannot be reached (after {attempts} retries): "
+        f"start it, or fix tracking.uri / MLFLOW_TRACKING_URI"
+    )
+
+
+def open_client(uri: str) -> MlflowClient:
+    """A client on `uri` (tracking and registry); a URI MLflow cannot use is a ConfigError."""
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"tracking.uri {redact(uri)!r}: MLflow cannot keep runs and a model registry there "
+            f"({str(exc).strip().split(';')[0]}); use {SUPPORTED_STORES}"
+        ) from None
+
+
+def store_error(setting: str, value: str, exc: Exception) -> ConfigError | None:
+    """The user-fixable reason a store cannot be used (a missing driver, bad credentials)."""
+    if isinstance(exc, ModuleNotFoundError):
+        return ConfigError(
+            f"{setting} {redact(value)!r} needs the Python package that provides "
+            f"{exc.name!r} (boto3 for s3://, mysqlclient for mysql://): install it, or use "
+            f"a store this install has ({SUPPORTED_STORES}; artifacts in a local folder)"
+        )
+    if isinstance(exc, MlflowException) and "databricks" in str(exc).lower():
+        return ConfigError(f"{setting} {redact(value)!r}: {str(exc).strip().splitlines()[0][:300]}")
+    return None
+
+
 def _is_unreachable(exc: MlflowException) -> bool:
     text = str(exc)
     return (
         "Max retries exceeded" in text or "Connection refused" in text or "API request to" in text
     )
-
-
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-
-
-def redact(value: object) -> str:
-    """Text safe to log: credentials in URLs (scheme://user:password@host) become ***."""
-    return _USERINFO.sub(r"\g<scheme>***@", str(value))
 
 
 @dataclass(frozen=True)
@@ -96,16 +198,21 @@ class Tracking:
     uri: str
     experiment_id: str
     client: MlflowClient
+    artifact_root: Path | None = None  # the experiment's artifact folder, when it is local
 
     @classmethod
     def connect(cls, tracking: TrackingConfig) -> Tracking:
         """Open the configured store and its experiment (created on first use)."""
         uri = tracking_uri(tracking)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        probe_server(uri)
+        client = open_client(uri)
         try:
-            experiment = client.get_experiment_by_name(tracking.experiment)
-        except MlflowException as exc:
-            if not _is_unreachable(exc):
+            with first_use_lock(uri):
+                experiment = client.get_experiment_by_name(tracking.experiment)
+        except (MlflowException, ModuleNotFoundError) as exc:
+            if (error := store_error("tracking.uri", uri, exc)) is not None:
+                raise error from None
+            if not isinstance(exc, MlflowException) or not _is_unreachable(exc):
                 raise
             raise PipelineError(
                 f"MLflow tracking server {redact(uri)} cannot be reached (after "
@@ -113,12 +220,17 @@ class Tracking:
                 f"tracking.uri / MLFLOW_TRACKING_URI"
             ) from None
         if experiment is None:
-            experiment_id = client.create_experiment(
-                tracking.experiment, artifact_location=_artifact_location(tracking, uri)
+            experiment = _create_experiment(client, tracking, uri)
+        if experiment.lifecycle_stage == "deleted":
+            raise PipelineError(
+                f"MLflow experiment {tracking.experiment!r} at {redact(uri)} is deleted: restore "
+                f"it (mlflow experiments restore --experiment-id {experiment.experiment_id}) or "
+                f"set tracking.experiment to another name"
             )
-        else:
-            experiment_id = experiment.experiment_id
-        return cls(uri=uri, experiment_id=experiment_id, client=client)
+        root = local_folder(experiment.artifact_location)
+        if root is not None:  # checked before anything is logged there
+            ensure_room(root, 10, "tracking", setting="tracking.artifact_location")
+        return cls(uri, experiment.experiment_id, client, root)
 
     @contextmanager
     def fluent(self) -> Iterator[None]:
@@ -153,7 +265,7 @@ class TrackedRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log a dict of metrics in as few calls as possible (NaN is logged, never dropped)."""
         now = int(time.time() * 1000)
-        entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        entries = [Metric(metric_key(k), float(v), now, step) for k, v in metrics.items()]
         for start in range(0, len(entries), _METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=entries[start : start + _METRIC_BATCH])
 
@@ -277,11 +389,18 @@ def start_pipeline_run(
     }
     created = tracking.client.create_run(tracking.experiment_id, run_name=run_name, tags=tags)
     run = tracking.run(created.info.run_id)
-    run.log_params(config.flat())
-    run.log_text(
-        redact(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)),
-        "config/resolved.yaml",
-    )
+    try:
+        run.log_params(config.flat())
+        run.log_text(
+            redact(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)),
+            "config/resolved.yaml",
+        )
+    except Exception as exc:  # the run must not stay RUNNING with nothing running it
+        tracking.client.set_terminated(run.run_id, status="FAILED")
+        location = config.tracking.artifact_location or created.info.artifact_uri
+        if (error := store_error("tracking.artifact_location", location, exc)) is not None:
+            raise error from None
+        raise
     return run.run_id
 
 

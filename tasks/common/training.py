@@ -21,6 +21,7 @@ from lora_core import InjectionReport, save_adapter
 from tasks.common.config import PipelineConfig, TrainConfig
 from tasks.common.errors import TrainingError
 from tasks.common.models import resolve_model_path
+from tasks.common.storage import ensure_room
 from tasks.common.tracking import TrackedRun
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
@@ -110,6 +111,16 @@ def checkpoint_dir(config: PipelineConfig, run_id: str) -> Path:
     return Path(root) / run_id
 
 
+def checkpoint_room(config: PipelineConfig, run_id: str, report: InjectionReport) -> Path:
+    """The run's checkpoint folder, checked for access and room before the first step: two
+    checkpoints of the trainable weights with their AdamW moments (fp32), plus 50 MB."""
+    folder = checkpoint_dir(config, run_id)
+    if not config.train.checkpoint_steps:
+        return folder
+    need = 50 + 2 * 3 * 4 * report.trainable_params / 2**20
+    return ensure_room(folder, need, "train", setting="train.checkpoint_dir")
+
+
 def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint-N that was fully written (the Trainer writes trainer_state.json
     last), so a process killed while saving resumes from the one before."""
@@ -123,7 +134,10 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(steps)[1]) if steps else None
 
 
-def training_arguments(config: PipelineConfig, out_dir: Path, device: str, precision: str):
+def training_arguments(
+    config: PipelineConfig, out_dir: Path, device: str, precision: str, evaluate: bool = True
+):
+    """The Trainer's arguments; evaluate=False (no validation split): no per-epoch evaluation."""
     train = config.train
     every = train.checkpoint_steps
     return TrainingArguments(
@@ -136,7 +150,7 @@ def training_arguments(config: PipelineConfig, out_dir: Path, device: str, preci
         weight_decay=train.weight_decay,
         warmup_ratio=train.warmup_ratio,
         logging_steps=train.logging_steps,
-        eval_strategy="epoch",
+        eval_strategy="epoch" if evaluate else "no",
         save_strategy="steps" if every else "no",
         save_steps=every or 500,
         save_total_limit=2,  # the newest two: a crash while writing one leaves the other
@@ -173,10 +187,11 @@ def fit(
     dataset = model_inputs(dataset)
     device = pick_device(config.train)
     precision = pick_precision(config.train, device)
-    checkpoints = checkpoint_dir(config, run.run_id)
+    checkpoints = checkpoint_room(config, run.run_id, setup.report)
+    evaluate = "validation" in dataset
     trainer = GuardedTrainer(
         model=setup.model,
-        args=training_arguments(config, checkpoints, device, precision),
+        args=training_arguments(config, checkpoints, device, precision, evaluate),
         train_dataset=dataset["train"],
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=setup.collator,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from tasks.common.faults import kill_point
 from tasks.common.gates import Gate
 from tasks.common.latency import latency_ms
 from tasks.common.served_model import invoke_records, mlflow_models_serve
@@ -27,6 +28,7 @@ def served_model_check(stage: StageContext, golden: GoldenSet, model_uri: str) -
     with mlflow_models_serve(
         model_uri, stage.run.tracking.uri, config.serve.served_start_timeout_s
     ) as url:
+        kill_point("register:serving")
         start = time.perf_counter()
         answers = invoke_records(url, golden.records)
         batch_ms = (time.perf_counter() - start) * 1000

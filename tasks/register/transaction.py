@@ -1,9 +1,18 @@
-"""The register stage: log the served model, register a version, check it, move aliases.
+"""The register stage: log the served model, register a version, check it, record its gates,
+move aliases. Every step can be interrupted (SIGKILL) and resumed.
 
-Order: log the pyfunc model, register a version, serve that version in a separate process and
-require the same answers as in-process (else the version is deleted and the run fails), tag
-every gate on the version, set `challenger`, and move `production` only when every gate passed
-and the candidate is not worse than production beyond the tolerance (paired bootstrap CI).
+1. log the pyfunc model (code + artifacts, no pickle) and register a version, tagged
+   registration=pending;
+2. serve that version with `mlflow models serve` and require the in-process answers (else the
+   version is deleted and the run fails);
+3. write the gate record (a tag per gate, then gates.record: the mark of a complete record),
+   the decision and registration=decided;
+4. set `challenger`; move `production` when the decision says so and production is still the
+   version the candidate was compared with; registration=complete.
+
+A re-run of the same MLflow run finds its version: a pending one (no gate record, so no alias:
+aliases come after the record) is deleted and registered again; a decided one is finished from
+step 4, so no second version is registered and no alias is lost.
 """
 
 from __future__ import annotations
@@ -15,8 +24,19 @@ from mlflow.entities.model_registry import ModelVersion
 
 from tasks.common.champion import Comparison
 from tasks.common.errors import GateFailed
+from tasks.common.faults import kill_point
 from tasks.common.gates import Gate
-from tasks.common.registry import CHALLENGER, ensure_registered_model, move_production
+from tasks.common.registry import (
+    CHALLENGER,
+    PRODUCTION,
+    delete_unfinished,
+    ensure_registered_model,
+    gate_record,
+    has_complete_record,
+    move_production,
+    version_by_alias,
+    write_gate_record,
+)
 from tasks.common.serving import build_serving_folder, serving_spec
 from tasks.common.stage import StageContext
 from tasks.interface import TaskKind
@@ -24,6 +44,10 @@ from tasks.records import Evaluation, PreparedData, QuantizedModel, Registration
 from tasks.register.decision import champion_gate, decide
 from tasks.register.report import write_report
 from tasks.register.served_check import served_model_check
+
+STATE_TAG = "registration"
+PENDING, DECIDED, COMPLETE = "pending", "decided", "complete"
+COMPARED_TAG = "compared_with_production"  # the production version the decision was made against
 
 
 def log_serving_model(stage: StageContext, kind: TaskKind, data, quantized) -> tuple[str, Path]:
@@ -48,8 +72,95 @@ def log_serving_model(stage: StageContext, kind: TaskKind, data, quantized) -> t
     return info.model_uri, serving_dir
 
 
+def version_tags(stage, served: ServeReport, quantized: QuantizedModel, data) -> dict[str, str]:
+    tags = {f"served.{k}": f"{v:.4f}" for k, v in served.metrics.items()}
+    return tags | {
+        "run_id": stage.run_id,
+        "task": stage.config.task,
+        "serve.provider": served.provider,
+        "onnx.variant": quantized.variant,
+        "data.content_sha256": data.content_sha256,
+    }
+
+
+def earlier_version(stage: StageContext, name: str) -> ModelVersion | None:
+    """This run's decided version, after deleting any pending one (an interrupted attempt)."""
+    client = stage.run.client
+    for version in client.search_model_versions(f"name='{name}' and run_id='{stage.run_id}'"):
+        if has_complete_record(version):
+            return version
+        delete_unfinished(client, name, str(version.version))
+    return None
+
+
+def new_version(stage, model_uri: str, served, quantized, data) -> str:
+    name = stage.config.registry.model_name
+    tags = {STATE_TAG: PENDING, **version_tags(stage, served, quantized, data)}
+    with stage.run.tracking.fluent():
+        registered = mlflow.register_model(model_uri, name, await_registration_for=300, tags=tags)
+    kill_point("register:after-version")
+    return str(registered.version)
+
+
+def check_and_decide(stage, kind, data, served, serving_dir, version, gates, champion, evaluation):
+    """Served-model check, gate record, decision; returns (promote, reason, all gates)."""
+    config, client = stage.config, stage.run.client
+    name = config.registry.model_name
+    checked = list(gates)
+    if config.serve.served_model_check:
+        golden = kind.golden_set(stage, data, served, serving_dir)
+        served_gate = served_model_check(stage, golden, f"models:/{name}/{version}")
+        checked.append(served_gate)
+        if not served_gate.passed:
+            raise GateFailed(served_gate)
+    kill_point("register:after-served-check")
+    all_gates = [*checked, *([champion] if champion else [])]
+    promote, reason = decide(config.registry, checked, champion, evaluation.production_refusal)
+    write_gate_record(client, name, version, all_gates)
+    compared = evaluation.production_version or "none"
+    for key, value in {COMPARED_TAG: compared, "promoted": str(promote).lower()}.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_model_version_tag(name, version, "decision", reason[:5000])
+    client.set_model_version_tag(name, version, STATE_TAG, DECIDED)
+    kill_point("register:after-decision")
+    return promote, reason, all_gates
+
+
+def finish(stage: StageContext, version: ModelVersion) -> tuple[bool, str, str | None]:
+    """Challenger, then production (if decided and production is the version compared with);
+    idempotent, so a resumed run finishes what a killed one began. (promoted, reason, previous)"""
+    client, name = stage.run.client, version.name
+    number = str(version.version)
+    promote, reason = version.tags.get("promoted") == "true", version.tags["decision"]
+    client.set_registered_model_alias(name, CHALLENGER, number)
+    kill_point("register:after-challenger")
+    previous = version.tags.get("previous_production")
+    current = version_by_alias(client, name, PRODUCTION)
+    holder = str(current.version) if current is not None else "none"
+    compared = version.tags.get(COMPARED_TAG, holder)
+    if promote and version.tags.get("rolled_back") == "true":
+        reason = (
+            f"v{number} was rolled back by hand after this run promoted it; it is not promoted "
+            f"again (promote it explicitly to undo the rollback)"
+        )
+    elif promote and holder not in (compared, number):
+        reason = (
+            f"production moved to v{holder} while this run compared the candidate with "
+            f"v{compared}; re-run the pipeline to compare it with v{holder}"
+        )
+    if reason != version.tags["decision"]:
+        promote = False
+        client.set_model_version_tag(name, number, "promoted", "false")
+        client.set_model_version_tag(name, number, "decision", reason)
+    if promote:
+        previous = move_production(client, name, number, reason)
+    client.set_model_version_tag(name, number, STATE_TAG, COMPLETE)
+    stage.run.set_tags({"registry.version": number, "registry.promoted": str(promote)})
+    return promote, reason, previous
+
+
 def _log_champion(stage: StageContext, champion: Gate | None, comparison: Comparison | None):
-    if champion is None:
+    if champion is None or comparison is None:
         return
     stage.run.log_gate(champion)
     stage.run.log_metrics(
@@ -61,49 +172,6 @@ def _log_champion(stage: StageContext, champion: Gate | None, comparison: Compar
     )
 
 
-def version_tags(stage, gates, served, quantized, data) -> dict[str, str]:
-    tags = {
-        f"gate.{g.name}": f"{'passed' if g.passed else 'failed'} ({g.value:.6g} "
-        f"{g.comparison} {g.threshold:.6g})"
-        for g in gates
-    }
-    tags |= {f"served.{k}": f"{v:.4f}" for k, v in served.metrics.items()}
-    return tags | {
-        "run_id": stage.run_id,
-        "task": stage.config.task,
-        "serve.provider": served.provider,
-        "onnx.variant": quantized.variant,
-        "data.content_sha256": data.content_sha256,
-    }
-
-
-def _finish_version(
-    stage, kind, data, served, quantized, gates, champion, version, serving_dir
-) -> tuple:
-    """Served-model check, gate tags, challenger, maybe production; returns (promote, reason,
-    previous production, all gates). Raises GateFailed when the served check fails."""
-    config, client = stage.config, stage.run.client
-    name = config.registry.model_name
-    checked = list(gates)
-    if config.serve.served_model_check:
-        golden = kind.golden_set(stage, data, served, serving_dir)
-        served_gate = served_model_check(stage, golden, f"models:/{name}/{version}")
-        checked.append(served_gate)
-        if not served_gate.passed:
-            raise GateFailed(served_gate)
-    all_gates = [*checked, *([champion] if champion else [])]
-    promote, reason = decide(config.registry, checked, champion)
-    for key, value in version_tags(stage, all_gates, served, quantized, data).items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    previous = move_production(client, name, version, reason) if promote else None
-    # written last: a version without "decision" is half-written (see the resume check)
-    client.set_model_version_tag(name, version, "promoted", str(promote).lower())
-    client.set_model_version_tag(name, version, "decision", reason[:5000])
-    stage.run.set_tags({"registry.version": version, "registry.promoted": str(promote)})
-    return promote, reason, previous, all_gates
-
-
 def register(
     stage: StageContext,
     kind: TaskKind,
@@ -113,51 +181,35 @@ def register(
     served: ServeReport,
     gates: list[Gate],
 ) -> Registration:
-    """Register, check the served version, tag gates, set challenger, maybe move production."""
+    """Register, check the served version, record its gates, set challenger, maybe promote."""
     config, client = stage.config, stage.run.client
     name = config.registry.model_name
-    model_uri, serving_dir = log_serving_model(stage, kind, data, quantized)
     comparison = kind.compare(stage, data, served, evaluation)
-    champion = champion_gate(config.registry, comparison)
+    champion = champion_gate(config.registry, comparison, evaluation.production_refusal)
     _log_champion(stage, champion, comparison)
     ensure_registered_model(client, name, kind.DESCRIPTION)
-    for earlier in client.search_model_versions(f"name='{name}' and run_id='{stage.run_id}'"):
-        if "decision" not in earlier.tags:  # half-written by an interrupted attempt
-            client.delete_model_version(name, earlier.version)
-            continue
-        return already_registered(earlier, [*gates, *([champion] if champion else [])], comparison)
-    with stage.run.tracking.fluent():
-        version = str(mlflow.register_model(model_uri, name, await_registration_for=300).version)
-    try:
-        promote, reason, previous, all_gates = _finish_version(
-            stage, kind, data, served, quantized, gates, champion, version, serving_dir
-        )
-    except BaseException:
-        client.delete_model_version(name, version)  # leave nothing half-written behind
-        raise
+    version = earlier_version(stage, name)
+    if version is None:
+        model_uri, serving_dir = log_serving_model(stage, kind, data, quantized)
+        number = new_version(stage, model_uri, served, quantized, data)
+        try:
+            check_and_decide(
+                stage, kind, data, served, serving_dir, number, gates, champion, evaluation
+            )
+        except BaseException:
+            delete_unfinished(client, name, number)  # leave nothing half-written behind
+            raise
+        version = client.get_model_version(name, number)
+    promoted, reason, previous = finish(stage, version)
     result = Registration(
         model_name=name,
-        version=version,
-        model_uri=f"models:/{name}/{version}",
-        promoted=promote,
+        version=str(version.version),
+        model_uri=f"models:/{name}/{version.version}",
+        promoted=promoted,
         reason=reason,
         previous_production=previous,
-        gates=all_gates,
+        gates=gate_record(version) or [*gates, *([champion] if champion else [])],
         comparison=comparison,
     )
     write_report(stage.run, result, served, evaluation, quantized, kind.summary(served))
     return result
-
-
-def already_registered(version: ModelVersion, gates: list[Gate], comparison) -> Registration:
-    """A resumed run whose version was already registered and decided: no duplicate."""
-    return Registration(
-        model_name=version.name,
-        version=str(version.version),
-        model_uri=f"models:/{version.name}/{version.version}",
-        promoted=version.tags.get("promoted") == "true",
-        reason=version.tags["decision"],
-        previous_production=version.tags.get("previous_production"),
-        gates=gates,
-        comparison=comparison,
-    )
