@@ -21,6 +21,7 @@ from lora_core import InjectionReport, save_adapter
 from tasks.common.config import PipelineConfig, TrainConfig
 from tasks.common.errors import TrainingError
 from tasks.common.models import resolve_model_path
+from tasks.common.preflight import training_device_available
 from tasks.common.storage import ensure_room
 from tasks.common.tracking import TrackedRun
 
@@ -54,11 +55,7 @@ def pick_device(train: TrainConfig) -> str:
     """cuda, then mps, then cpu (or what the config asks for)."""
     if train.device != "auto":
         return train.device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return next(d for d in ("cuda", "mps", "cpu") if training_device_available(d))
 
 
 def pick_precision(train: TrainConfig, device: str) -> str:
