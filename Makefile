@@ -5,8 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 MLFLOW_DB ?= sqlite:///mlruns/mlflow.db
+MLFLOW_ARTIFACTS ?= mlruns/artifacts
+# `make up`: local Prefect + MLflow servers (flows/stack.py); state, logs, PREFECT_HOME in STACK_DIR
+STACK_DIR ?= .stack
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+STACK := $(PY) -m flows.stack --dir $(STACK_DIR) --prefect-port $(PREFECT_PORT) \
+  --mlflow-port $(MLFLOW_PORT) --backend-store-uri $(MLFLOW_DB) --artifacts $(MLFLOW_ARTIFACTS)
 
-.PHONY: venv demo test test-fast lint ui serve bench lock clean
+.PHONY: venv demo test test-fast lint ui up down status serve bench lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +24,9 @@ $(STAMP): pyproject.toml requirements.lock
 venv: $(STAMP)
 
 ## Run the whole pipeline on the embedded default (no servers, no GPU). ARGS=--force retrains.
+## After `make up` its flow run goes to that Prefect server (else Prefect's temporary one).
 demo: $(STAMP)
-	$(PY) -m flows.cli run --config $(CONFIG) $(ARGS)
+	env $$($(STACK) env) $(PY) -m flows.cli run --config $(CONFIG) $(ARGS)
 
 ## The full test suite (CI runs exactly this).
 test: $(STAMP)
@@ -34,6 +42,17 @@ lint: $(STAMP)
 ## Browse runs, metrics, plots, artifacts and registered models.
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000
+
+## Start a local Prefect server (UI :4200) and MLflow server (:5000, the store `make demo` writes).
+up: $(STAMP)
+	$(STACK) up
+
+## Stop both (SIGTERM, grace, SIGKILL); nothing is left running.
+down: $(STAMP)
+	$(STACK) down
+
+status: $(STAMP)
+	$(STACK) status
 
 ## Serve the production model on http://127.0.0.1:5001 (POST /invocations).
 MODEL_NAME ?= support-ticket-classifier

@@ -72,7 +72,7 @@ def main() -> None:
     out = run_stages(config, run_id, until="serve_check")
     quantized, served = out.quantized, out.served
     metrics = Tracking.connect(config.tracking).client.get_run(run_id).data.metrics
-    fp32_ms = metrics["quantize.fp32.ms_per_token"]
+    fp32_ms = metrics["quantize/fp32.ms_per_token"]
     print(
         f"\nmodel: Qwen2 architecture, random weights + {args.steps} LoRA steps, hidden "
         f"{args.hidden}, {args.layers} layers; agreement: greedy answers (<= "
@@ -84,7 +84,7 @@ def main() -> None:
     print(f"{'variant':<22}{'ms/token':>10}{'vs fp32':>9}{'agreement':>11}{'ppl':>10}{'MB':>8}")
     print(
         f"{'fp32 (onnx)':<22}{fp32_ms:>10.2f}{1.0:>9.3f}{1.0:>11.3f}"
-        f"{quantized.fp32_score:>10.2f}{metrics['quantize.fp32.size_mb']:>8.1f}"
+        f"{quantized.fp32_score:>10.2f}{metrics['quantize/fp32.size_mb']:>8.1f}"
     )
     for c in quantized.candidates:
         print(
@@ -95,14 +95,14 @@ def main() -> None:
     t = served.timings
     print(f"\nserved variant: {quantized.variant} ({quantized.reason})")
     print(
-        f"time to first token p50: onnx {t['serve.onnx.ttft_p50_ms']:.2f} ms, "
-        f"torch {t['serve.torch.ttft_p50_ms']:.2f} ms -> ratio "
-        f"{t['serve.onnx.ttft_p50_ms'] / t['serve.torch.ttft_p50_ms']:.3f}"
+        f"time to first token p50: onnx {t['serve/onnx.ttft_p50_ms']:.2f} ms, "
+        f"torch {t['serve/torch.ttft_p50_ms']:.2f} ms -> ratio "
+        f"{t['serve/onnx.ttft_p50_ms'] / t['serve/torch.ttft_p50_ms']:.3f}"
     )
     print(
-        f"decode tokens/s: onnx {t['serve.onnx.tokens_per_second']:.1f}, torch "
-        f"{t['serve.torch.tokens_per_second']:.1f} -> ratio "
-        f"{t['serve.speedup.tokens_per_second']:.2f}x"
+        f"decode tokens/s: onnx {t['serve/onnx.tokens_per_second']:.1f}, torch "
+        f"{t['serve/torch.tokens_per_second']:.1f} -> ratio "
+        f"{t['serve/speedup.tokens_per_second']:.2f}x"
     )
 
 

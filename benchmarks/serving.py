@@ -69,8 +69,8 @@ def main() -> None:
 
     fp32_mb = (stage.fetch(onnx.model) / ONNX_FILE).stat().st_size / 2**20
     served_mb = (stage.fetch(quantized.model) / SERVED_FILE).stat().st_size / 2**20
-    latency_ratio = t["serve.onnx.batch1_p50_ms"] / t["serve.torch.batch1_p50_ms"]
-    throughput_ratio = t["serve.onnx.batch32_per_second"] / t["serve.torch.batch32_per_second"]
+    latency_ratio = t["serve/onnx.batch1_p50_ms"] / t["serve/torch.batch1_p50_ms"]
+    throughput_ratio = t["serve/onnx.batch32_per_second"] / t["serve/torch.batch32_per_second"]
     drop_points = 100 * (quantized.fp32_score - quantized.served_score)
 
     print(f"\nserved variant: {quantized.variant} ({quantized.reason}); threads: {threads}")
@@ -88,9 +88,9 @@ def main() -> None:
     )
     for engine in ("onnx", "torch"):
         e = {
-            k.removeprefix(f"serve.{engine}."): v
+            k.removeprefix(f"serve/{engine}."): v
             for k, v in t.items()
-            if k.startswith(f"serve.{engine}.")
+            if k.startswith(f"serve/{engine}.")
         }
         print(
             f"{engine:<10}{e['batch1_p50_ms']:>9.2f}{e['batch1_p95_ms']:>9.2f}{e['batch1_p99_ms']:>9.2f}"

@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 from tasks.common.errors import PipelineError
+
+VERBOSE_HELP = "show every library's logs and warnings (default: stage lines and a summary)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if a run with this data and config is in progress elsewhere, wait for it to end",
     )
+    run.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     for action, text in (
         ("promote", "move production to a registered version"),
         ("rollback", "move production back to the previous version"),
@@ -46,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
             default="configs/default.yaml",
             help="config whose tracking section names the MLflow store",
         )
+        move.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("--config", default="configs/default.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -61,10 +66,16 @@ class _HideUserErrorTracebacks(logging.Filter):
         return True
 
 
-def _install_log_filter() -> None:
+def _install_log_filter(verbose: bool = False) -> None:
+    """Short user errors; unless verbose, the quiet terminal (flows/console.py)."""
+    from flows.console import quiet, set_verbose
+
     for logger in (logging.getLogger(), logging.getLogger("prefect")):
         for handler in logger.handlers:
             handler.addFilter(_HideUserErrorTracebacks())
+    set_verbose(verbose)
+    if not verbose:
+        quiet(logging.getLogger().handlers)  # the terminal's: Prefect's console handler
 
 
 def _start_prefect_api() -> None:
@@ -97,11 +108,18 @@ def _run(args) -> dict:
     from tasks.common.credentials import move_credentials_to_environment
 
     overrides = move_credentials_to_environment(args.overrides)  # never a flow parameter
-    _install_log_filter()
+    _install_log_filter(args.verbose)
     _start_prefect_api()
     return retrain_flow(
         config_path=args.config, overrides=overrides, force=args.force, wait=args.wait
     )
+
+
+def _summary(result: dict) -> None:
+    """The closing summary table of a run, on stderr (stdout carries the JSON only)."""
+    from flows.console import summary_table
+
+    print(f"\n{summary_table(result)}\n", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,17 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("promote", "rollback"):
             from flows.promote import promote_flow
 
-            _install_log_filter()
+            _install_log_filter(args.verbose)
             _start_prefect_api()
-            result = promote_flow(
-                model_name=args.model,
-                action=args.command,
-                version=getattr(args, "version", None),
-                config_path=args.config,
-                force=getattr(args, "force", False),
-            )
+            with redirect_stdout(sys.stderr):  # a library's print(): stdout is the JSON's
+                result = promote_flow(
+                    model_name=args.model,
+                    action=args.command,
+                    version=getattr(args, "version", None),
+                    config_path=args.config,
+                    force=getattr(args, "force", False),
+                )
         else:
-            result = _run(args)
+            with redirect_stdout(sys.stderr):
+                result = _run(args)
+            _summary(result)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

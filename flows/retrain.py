@@ -11,7 +11,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed
 
+from flows import console
+from flows.flow_run import label_flow_run, tag_flow_run
 from flows.train import train_on_deployment
 from tasks import stages
 from tasks.common.config import PipelineConfig, load_config
@@ -21,6 +24,7 @@ from tasks.common.fingerprint import pipeline_key
 from tasks.common.preflight import check_devices
 from tasks.common.resume import StageRecords
 from tasks.common.runs import Claim, claim_run
+from tasks.common.storage import run_folder, tidy
 from tasks.common.tracking import Tracking, end_pipeline_run
 from tasks.records import (
     Evaluation,
@@ -108,16 +112,20 @@ def run_stages(
     before each stage (the lease check: stop if another process took the run over). With
     records, a stage that already finished in this run is not run again: its record is used."""
     out = PipelineOutputs()
-    for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
+    chosen = STAGES[: STAGE_NAMES.index(until) + 1]
+    for number, stage in enumerate(chosen, start=1):
         kill_point(f"before:{stage.name}")
         if between is not None:
             between()
-        result = records.load(stage.name, stage.record) if records else None
+        console.stage_started(config, stage.name, number, len(chosen))
+        start = time.perf_counter()
+        result = reused = records.load(stage.name, stage.record) if records else None
         if result is None:
             inputs = [getattr(out, field) for field in stage.inputs]
             result = stage_function(stage.name, as_tasks)(config, *inputs, run_id)
             if records:
                 records.save(stage.name, result)
+        console.stage_finished(stage.name, result, time.perf_counter() - start, reused is not None)
         out = replace(out, **{stage.output: result})
     return out
 
@@ -137,8 +145,9 @@ def run_pipeline(config: PipelineConfig, claim: Claim) -> RetrainResult:
         end_pipeline_run(run_id, config, "FAILED")
         raise
     run = Tracking.connect(config.tracking).run(run_id)
-    run.log_metrics({"pipeline.wall_seconds": time.perf_counter() - start})
+    run.log_metrics({"time/pipeline": time.perf_counter() - start})
     end_pipeline_run(run_id, config, "FINISHED")
+    tidy(config, run_folder(config, run_id))  # all of it is in the artifact store now
     registration = out.registration
     return RetrainResult(
         run_id=run_id,
@@ -183,23 +192,21 @@ def retrain_flow(
     config = load_config(config_path, overrides)
     load_credentials(config.tracking)
     check_devices(config)
-    claim = claim_run(Tracking.connect(config.tracking), config, pipeline_key(config), force, wait)
+    tracking = Tracking.connect(config.tracking)
+    claim = claim_run(tracking, config, pipeline_key(config), force, wait)
+    label_flow_run(tracking, claim.run_id)
     if claim.skipped:
         return skipped(claim)
     try:
         result = run_pipeline(config, claim)
     finally:
         claim.lease.release()
-    get_run_logger().info(
-        "run %s: %s v%s, test %s %.3f, served %s %.3f, production %s (%s)",
-        result.run_id,
-        result.model_name,
-        result.version,
-        result.metric,
-        result.test_score,
-        result.metric,
-        result.served_score,
-        "moved" if result.promoted else "kept",
-        result.reason,
+    outcome = "promoted" if result.promoted else "kept"
+    tag_flow_run(f"model:{result.model_name}", f"version:{result.version}", outcome)
+    message = (
+        f"{result.model_name} v{result.version}: production "
+        f"{'moved to it' if result.promoted else 'kept'} ({result.reason}); test "
+        f"{result.metric} {result.test_score:.3f}, served {result.served_score:.3f}"
     )
-    return {"status": "completed", **asdict(result)}
+    get_run_logger().info("run %s: %s", result.run_id, message)
+    return Completed(message=message[:5000], data={"status": "completed", **asdict(result)})

@@ -15,13 +15,14 @@ from typing import Any
 
 from mlflow.artifacts import load_dict
 from mlflow.exceptions import MlflowException
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
 from tasks.common.config import PipelineConfig, config_from_dict
 from tasks.common.credentials import load_credentials, redact, scrubbed
 from tasks.common.errors import ConfigError, TrainingError
+from tasks.common.storage import run_folder, tidy
 from tasks.common.tracking import ArtifactRef, Tracking, prefect_flow_run_id
 from tasks.records import PreparedData, TrainedAdapter
 from tasks.stages import train_lora_task
@@ -30,6 +31,7 @@ from tasks.stages import train_lora_task
 # other than the pipeline's makes the worker download its inputs from the artifact store.
 WORKER_OUTPUT_DIR_ENV = "LORA_TRAIN_OUTPUT_DIR"
 RESULT_ARTIFACT = "train/result.json"
+GPU_TAG = "gpu"  # on the train-lora task run when it ran on the gpu pool (lora-train flow)
 
 
 def data_parameters(data: PreparedData) -> dict[str, Any]:
@@ -103,12 +105,14 @@ def train_flow(
     tracking = Tracking.connect(pipeline_config.tracking)
     _require_run(tracking, run_id)
     prepared = data_from_parameters(data, run_id, local_dir)
-    trained = train_lora_task(pipeline_config, prepared, run_id)
+    with tags(GPU_TAG):  # this flow is what the gpu pool runs: its task says so
+        trained = train_lora_task(pipeline_config, prepared, run_id)
     flow_run_id = prefect_flow_run_id()
     record = trained_record(trained, flow_run_id)
     run = tracking.run(run_id)
     run.log_json(record, RESULT_ARTIFACT)
     run.set_tags({"train.prefect_flow_run_id": flow_run_id})
+    tidy(pipeline_config, run_folder(pipeline_config, run_id))  # this worker's copy is logged
     get_run_logger().info(
         "run %s: trained on %s (%s), %d steps; adapter logged as %s",
         run_id,

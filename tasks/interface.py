@@ -84,5 +84,9 @@ class TaskKind(Protocol):
     ) -> Comparison | None:
         """The served candidate against production (paired bootstrap), or None without one."""
 
+    def interval(self, stage: StageContext, data: PreparedData, served: ServeReport) -> Comparison:
+        """The served model's registry.metric on the test split with its bootstrap interval
+        (`delta` holds the metric), for the model card."""
+
     def summary(self, served: ServeReport) -> str:
         """One line of the served model's scores and speed, for the promotion report."""

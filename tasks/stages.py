@@ -18,6 +18,8 @@ from tasks.common.config import PipelineConfig
 from tasks.common.errors import retry_if_transient
 from tasks.common.gates import Gate
 from tasks.common.stage import open_stage
+from tasks.common.storage import tidy
+from tasks.common.training import checkpoint_dir
 from tasks.kinds import kind_of
 from tasks.records import (
     Evaluation,
@@ -41,7 +43,9 @@ def prepare_data(config: PipelineConfig, run_id: str) -> PreparedData:
 def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
     """Train the LoRA adapter on the training split (stage 2)."""
     with open_stage(config, run_id, "train_lora") as stage:
-        return kind_of(config).train(stage, data)
+        trained = kind_of(config).train(stage, data)
+    tidy(config, checkpoint_dir(config, run_id))  # the adapter is logged: resume needs none
+    return trained
 
 
 def evaluate(
@@ -102,8 +106,12 @@ def register(
         return register_version(stage, kind_of(config), data, evaluation, quantized, served, gates)
 
 
-def stage_task(fn: Callable, *, name: str, retries: int = 1, tags: tuple[str, ...] = ()):
-    """A plain stage function as a Prefect task that retries transient failures only."""
+def stage_task(fn: Callable, *, name: str, retries: int = 1):
+    """A plain stage function as a Prefect task that retries transient failures only.
+
+    log_prints off: the flows' log_prints would turn a library's print() into a log line even
+    when the library prints into a captured sys.stdout (dill disassembles every function it
+    pickles while datasets fingerprints a table: 33 lines of bytecode in prepare-data)."""
     return task(
         fn,
         name=name,
@@ -111,12 +119,12 @@ def stage_task(fn: Callable, *, name: str, retries: int = 1, tags: tuple[str, ..
         retry_delay_seconds=5,
         cache_policy=NO_CACHE,
         retry_condition_fn=retry_if_transient,
-        tags=list(tags),
+        log_prints=False,
     )
 
 
 prepare_data_task = stage_task(prepare_data, name="prepare-data", retries=2)
-train_lora_task = stage_task(train_lora, name="train-lora", retries=1, tags=("gpu",))
+train_lora_task = stage_task(train_lora, name="train-lora", retries=1)
 evaluate_task = stage_task(evaluate, name="evaluate", retries=2)
 merge_task = stage_task(merge, name="merge", retries=1)
 export_onnx_task = stage_task(export_onnx, name="export-onnx", retries=1)

@@ -123,3 +123,33 @@ def build_tiny_decoder(
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+def tiny_config_dict(tmp: Path, model_dir: Path, data_path: Path) -> dict:
+    """A config that runs every stage in seconds on the tiny BERT."""
+    return {
+        "data": {"path": str(data_path), "max_length": 64},
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        "train": {"epochs": 2, "batch_size": 16, "learning_rate": 0.01, "logging_steps": 2},
+        "quantize": {
+            "min_top1_agreement": 0.5,
+            "max_accuracy_drop": 0.5,
+            "calibration_samples": 16,
+        },
+        "serve": {
+            "latency_runs": 5,
+            "warmup_runs": 1,
+            "throughput_batch_sizes": [8],
+            "num_threads": 1,
+            "served_model_check": False,  # one test turns it on: it starts a server (~10 s)
+            "golden_requests": 16,
+        },
+        "registry": {"model_name": "tiny-classifier", "bootstrap_samples": 200},
+        "tracking": {
+            "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "experiment": "tests",
+            "artifact_location": (tmp / "artifacts").as_uri(),
+        },
+        "output_dir": str(tmp / "outputs"),
+    }

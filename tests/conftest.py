@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from testkit.tiny import build_tiny_bert
+from testkit.tiny import build_tiny_bert, tiny_config_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,34 +49,26 @@ def small_csv(tmp_path_factory, demo_frame) -> Path:
     return path
 
 
-def tiny_config_dict(tmp: Path, model_dir: Path, data_path: Path) -> dict:
-    """A config that runs every stage in seconds on the tiny BERT."""
-    return {
-        "data": {"path": str(data_path), "max_length": 64},
-        "model": {"name_or_path": str(model_dir)},
-        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-        "train": {"epochs": 2, "batch_size": 16, "learning_rate": 0.01, "logging_steps": 2},
-        "quantize": {
-            "min_top1_agreement": 0.5,
-            "max_accuracy_drop": 0.5,
-            "calibration_samples": 16,
-        },
-        "serve": {
-            "latency_runs": 5,
-            "warmup_runs": 1,
-            "throughput_batch_sizes": [8],
-            "num_threads": 1,
-            "served_model_check": False,  # one test turns it on: it starts a server (~10 s)
-            "golden_requests": 16,
-        },
-        "registry": {"model_name": "tiny-classifier", "bootstrap_samples": 200},
-        "tracking": {
-            "uri": f"sqlite:///{tmp / 'mlflow.db'}",
-            "experiment": "tests",
-            "artifact_location": (tmp / "artifacts").as_uri(),
-        },
-        "output_dir": str(tmp / "outputs"),
-    }
+@pytest.fixture(scope="session")
+def cli():
+    """`python -m flows.cli` as children forked from one process that imported it once."""
+    from testkit.cli import CliLauncher
+
+    launcher = CliLauncher()
+    yield launcher
+    launcher.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A Prefect API server (PREFECT_API_URL) for CLI runs: none starts a temporary one."""
+    from tasks.common.served_model import free_port
+    from testkit.servers import prefect_server
+
+    port = free_port()
+    server = prefect_server(tmp_path_factory.mktemp("prefect-server"), port)
+    yield f"http://127.0.0.1:{port}/api"
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +99,15 @@ def pytest_sessionfinish(session, exitstatus):
         server.stop()
 
 
+def data_figures(client, run_id: str) -> dict[str, float]:
+    """prepare_data's figure/value table (rows.<split>, dropped.<reason>, truncated.<split>)."""
+    from tasks.common.datasets import DATA_PROFILE_FILE
+
+    table = json.loads(Path(client.download_artifacts(run_id, DATA_PROFILE_FILE)).read_text())
+    assert table["columns"] == ["figure", "value"]
+    return dict(table["data"])
+
+
 def tracked(config, run_id: str, **records):
     """A pipeline run for tests: its records, its store's client and helpers on one object."""
     from types import SimpleNamespace
@@ -123,6 +124,7 @@ def tracked(config, run_id: str, **records):
         client=tracking.client,
         fetch=run.fetch,
         text=lambda path: Path(tracking.client.download_artifacts(run_id, path)).read_text(),
+        figures=lambda: data_figures(tracking.client, run_id),
         stage=StageContext(config, run, "test", model_mb=0.0),  # for a kind's helpers
         **records,
     )

@@ -139,16 +139,16 @@ def test_every_gate_passes_with_its_value(llama):
         candidate = next(c for c in llama.quantized.candidates if c.name == chosen)
         assert gates["quantized_token_agreement"].value == candidate.scores["token_agreement"]
     for name, gate in gates.items():
-        assert llama.metrics[f"gate.{name}.value"] == pytest.approx(gate.value)
+        assert llama.metrics[f"gate/{name}.value"] == pytest.approx(gate.value)
     assert llama.registration.promoted  # first version: no production to beat
 
 
 def test_training_learns_the_responses(llama):
     m = llama.metrics
-    assert m["test.perplexity"] == pytest.approx(np.exp(m["test.loss"]), rel=1e-6)
-    assert m["test.loss"] < m["base.loss"] - 1.0  # the adapter learnt the routing answers
-    assert m["test.rouge_l"] > m["base.rouge_l"]
-    assert m["data.response_tokens.train"] > 0 and m["train.trainable_params"] > 0
+    assert m["test/perplexity"] == pytest.approx(np.exp(m["test/loss"]), rel=1e-6)
+    assert m["test/loss"] < m["test/base.loss"] - 1.0  # the adapter learnt the routing answers
+    assert m["test/rouge_l"] > m["test/base.rouge_l"]
+    assert llama.figures()["response_tokens.train"] > 0 and m["train/trainable_params"] > 0
 
 
 def test_generations_table_is_logged(llama):
@@ -166,15 +166,15 @@ def test_served_answers_equal_the_adapter_model_answers(llama):
     candidate = pd.read_csv(csv, keep_default_na=False)["candidate"].tolist()
     if llama.quantized.variant == "fp32":
         assert llama.served.answers == candidate
-    assert llama.served.metrics["rouge_l"] == pytest.approx(llama.metrics["served.rouge_l"])
+    assert llama.served.metrics["rouge_l"] == pytest.approx(llama.metrics["serve/rouge_l"])
     assert len(llama.served.scores) == len(candidate) == 16
 
 
 def test_serve_check_times_first_token_and_decoding(llama):
     t = llama.served.timings
     for engine in ("onnx", "torch"):
-        assert 0 < t[f"serve.{engine}.ttft_p50_ms"] <= t[f"serve.{engine}.ttft_p99_ms"]
-        assert t[f"serve.{engine}.tokens_per_second"] > 0
+        assert 0 < t[f"serve/{engine}.ttft_p50_ms"] <= t[f"serve/{engine}.ttft_p99_ms"]
+        assert t[f"serve/{engine}.tokens_per_second"] > 0
     assert llama.served.provider == "CPUExecutionProvider"
     plots = {f.path for f in llama.client.list_artifacts(llama.run_id, "plots")}
     assert plots == {"plots/serving_latency.png"}
@@ -256,8 +256,8 @@ def test_gpt2_and_qwen2_families_run_every_stage(other_family_run):
 
     run = other_family_run
     assert all(g.passed for g in run.registration.gates)
-    assert run.metrics["gate.onnx_greedy_tokens_differing.value"] == 0
-    assert run.metrics["test.loss"] < run.metrics["base.loss"]
+    assert run.metrics["gate/onnx_greedy_tokens_differing.value"] == 0
+    assert run.metrics["test/loss"] < run.metrics["test/base.loss"]
     tags = run.client.get_run(run.run_id).data.tags
     targets = tags["lora.target_names"]
     saved = AutoTokenizer.from_pretrained(run.fetch(run.merged.model))
@@ -284,10 +284,10 @@ def test_flow_retrains_and_compares_with_production(llama, monkeypatch):
     result = retrain_flow(config_path=str(config_path), overrides=["train.epochs=2"])
     assert result["status"] == "completed" and result["metric"] == "rouge_l"
     metrics = llama.client.get_run(result["run_id"]).data.metrics
-    assert "production.rouge_l" in metrics and "production.exact_match" in metrics
-    low = metrics["champion.rouge_l_delta_ci_low"]
-    assert low <= metrics["champion.rouge_l_delta"] <= metrics["champion.rouge_l_delta_ci_high"]
-    assert metrics["gate.champion_rouge_l_delta_ci_low.value"] == pytest.approx(low)
+    assert "production/rouge_l" in metrics and "production/exact_match" in metrics
+    low = metrics["production/rouge_l_delta_ci_low"]
+    assert low <= metrics["production/rouge_l_delta"] <= metrics["production/rouge_l_delta_ci_high"]
+    assert metrics["gate/champion_rouge_l_delta_ci_low.value"] == pytest.approx(low)
 
 
 def test_fp16_variant_of_the_kv_cache_graph_keeps_its_interface_and_answers(llama, tmp_path):
@@ -328,6 +328,7 @@ def test_causal_training_on_the_gpu_deployment_travels_through_mlflow(
     model_dir = build_tiny_decoder(tmp_path / "model", list(demo_frame["text"]), "gpt2")
     config = causal_config_dict(tmp_path, model_dir, pairs_csv)
     config["train"]["deployment"] = "lora-train/gpu"
+    config["output"] = {"keep": True}  # the test compares the worker's and the pipeline's folders
     config_path = tmp_path / "causal.yaml"
     config_path.write_text(yaml.safe_dump(config))
     runner = FakeDeploymentRunner(tmp_path / "worker")

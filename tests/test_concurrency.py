@@ -2,15 +2,14 @@
 
 Same data and config, started together: one runs, the other says a run is in progress (exit 2)
 and deletes nothing. Different configs, started together: both complete, each registers its
-own version, neither touches the other's.
+own version, neither touches the other's. The CLI runs are processes forked from one that
+imported the CLI once (testkit/cli.py); each starts Prefect's temporary server, as users' do.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,15 +21,10 @@ from tasks.common.lease import Lease, RunInProgress
 from tasks.common.runs import KEY_TAG, claim_run
 from tasks.common.tracking import Tracking
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _start(config_path: Path, tmp: Path, *extra: str) -> subprocess.Popen:
+def _start(cli, config_path: Path, tmp: Path, *extra: str):
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
-    command = [sys.executable, "-m", "flows.cli", "run", "--config", str(config_path), *extra]
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return cli.start(["run", "--config", str(config_path), *extra], env=env)
 
 
 def _write(config, tmp: Path, name: str) -> Path:
@@ -40,10 +34,10 @@ def _write(config, tmp: Path, name: str) -> Path:
 
 
 @pytest.mark.e2e
-def test_the_same_run_twice_at_once_runs_once(make_tiny_config, tmp_path):
+def test_the_same_run_twice_at_once_runs_once(make_tiny_config, tmp_path, cli):
     config = make_tiny_config(tmp_path, ["train.epochs=1"])
     path = _write(config, tmp_path, "config.yaml")
-    processes = [_start(path, tmp_path), _start(path, tmp_path)]
+    processes = [_start(cli, path, tmp_path), _start(cli, path, tmp_path)]
     outputs = [p.communicate(timeout=900) for p in processes]
     codes = sorted(p.returncode for p in processes)
     assert codes == [0, 2], [err[-2000:] for _, err in outputs]
@@ -61,17 +55,17 @@ def test_the_same_run_twice_at_once_runs_once(make_tiny_config, tmp_path):
     assert [r.info.run_id for r in runs] == [result["run_id"]]  # the loser kept no run
     versions = tracking.client.search_model_versions("name='tiny-classifier'")
     assert [str(v.version) for v in versions] == ["1"]
-    history = tracking.client.get_metric_history(result["run_id"], "train.loss")
+    history = tracking.client.get_metric_history(result["run_id"], "train/loss")
     assert len(history) == len({m.step for m in history})  # logged once, not twice
 
 
 @pytest.mark.e2e
-def test_two_different_runs_at_once_both_complete(make_tiny_config, tmp_path):
+def test_two_different_runs_at_once_both_complete(make_tiny_config, tmp_path, cli):
     paths = [
         _write(make_tiny_config(tmp_path, ["train.epochs=1", f"train.seed={seed}"]), tmp_path, n)
         for seed, n in ((1, "a.yaml"), (2, "b.yaml"))
     ]
-    processes = [_start(path, tmp_path) for path in paths]
+    processes = [_start(cli, path, tmp_path) for path in paths]
     outputs = [p.communicate(timeout=900) for p in processes]
     assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
     results = [json.loads(out[out.index("{") :]) for out, _ in outputs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,7 @@ def test_bad_override_syntax():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m flows.cli` itself: its stderr holds all it prints, imports included."""
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=ROOT,
@@ -99,24 +101,29 @@ def test_cli_prints_config_errors_without_traceback():
     assert "Traceback" not in result.stderr
 
 
-def test_cli_check_config_prints_the_resolved_config():
-    result = _cli("check-config", "--set", "train.epochs=2")
+def test_cli_check_config_prints_the_resolved_config(cli):
+    result = cli.run(["check-config", "--set", "train.epochs=2"], timeout=120)  # forked
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["train"]["epochs"] == 2
 
 
-def test_cli_run_reports_a_missing_data_file_and_registers_nothing(tmp_path):
+def test_cli_run_reports_a_missing_data_file_and_registers_nothing(tmp_path, cli, prefect_api):
+    """A CLI process forked from one that imported the CLI once (testkit/cli.py)."""
     db = tmp_path / "mlflow.db"
-    result = _cli(
-        "run",
-        "--set",
-        f"data.path={tmp_path / 'missing.csv'}",
-        "--set",
-        f"tracking.uri=sqlite:///{db}",
-        "--set",
-        f"output_dir={tmp_path / 'out'}",
-        "--set",
-        f"tracking.artifact_location={(tmp_path / 'art').as_uri()}",
+    result = cli.run(
+        [
+            "run",
+            "--set",
+            f"data.path={tmp_path / 'missing.csv'}",
+            "--set",
+            f"tracking.uri=sqlite:///{db}",
+            "--set",
+            f"output_dir={tmp_path / 'out'}",
+            "--set",
+            f"tracking.artifact_location={(tmp_path / 'art').as_uri()}",
+        ],
+        env={**os.environ, "PREFECT_API_URL": prefect_api},
+        timeout=120,
     )
     assert result.returncode == 2
     assert f"error: data.path '{tmp_path / 'missing.csv'}' does not exist" in result.stderr

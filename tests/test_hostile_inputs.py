@@ -234,7 +234,7 @@ def test_no_validation_split_trains_without_per_epoch_evaluation(make_tiny_confi
     trained = train_lora(config, data, run_id)
     assert trained.global_steps > 0
     client = Tracking.connect(config.tracking).client
-    assert client.get_metric_history(run_id, "eval.accuracy") == []
+    assert client.get_metric_history(run_id, "eval/accuracy") == []
 
 
 @pytest.mark.parametrize(
@@ -267,4 +267,4 @@ def test_an_unwritable_checkpoint_or_artifact_folder_is_found_before_any_work(
     assert message.endswith(f"set {setting} to a folder you can write to")
     if stage == "train":
         client = Tracking.connect(config.tracking).client
-        assert client.get_metric_history(run_id, "train.loss") == []  # no step was taken
+        assert client.get_metric_history(run_id, "train/loss") == []  # no step was taken

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ from tasks.common.served_model import free_port
 from testkit.servers import mlflow_server
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[1]
 OUTAGE_SECONDS = 10
 
 
@@ -30,7 +28,7 @@ def _stop(server) -> None:
     server.stop()
 
 
-def test_run_survives_a_tracking_server_outage(make_tiny_config, tmp_path):
+def test_run_survives_a_tracking_server_outage(make_tiny_config, tmp_path, cli):
     store, port = tmp_path / "store", free_port()
     store.mkdir()
     uri = f"http://127.0.0.1:{port}"
@@ -47,37 +45,31 @@ def test_run_survives_a_tracking_server_outage(make_tiny_config, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     server = _mlflow_server(store, port, env)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    # a process forked from one that imported the CLI once (testkit/cli.py)
+    run = cli.start(["run", "--config", str(path)], env=env, new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not list(Path(config.output_dir).glob("checkpoints/*")):  # training has started
-            assert run.poll() is None, run.stderr.read()[-3000:]
+            assert run.poll() is None, run.output()[1][-3000:]
             assert time.monotonic() < deadline, "training did not start in 300 s"
             time.sleep(0.1)
         _stop(server)
         time.sleep(OUTAGE_SECONDS)
-        server = _mlflow_server(store, port, env)
+        server = _mlflow_server(store, port, env)  # the results are read through it below
         out, err = run.communicate(timeout=600)
+    except BaseException:
+        _stop(server)
+        raise
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-        _stop(server)
-        server = _mlflow_server(store, port, env)  # read the results through the server
     try:
         assert run.returncode == 0, err[-3000:]
         result = json.loads(out[out.index("{") :])
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         finished = client.get_run(result["run_id"])
         assert finished.info.status == "FINISHED"
-        steps = {m.step for m in client.get_metric_history(result["run_id"], "train.loss")}
+        steps = {m.step for m in client.get_metric_history(result["run_id"], "train/loss")}
         assert steps == set(range(1, 41))  # no logged step lost in the outage
         artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
         assert {

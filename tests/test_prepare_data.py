@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import data_figures
 from datasets import load_from_disk
 
-from tasks.classification.data import build_splits, check_labels, label_names
+from tasks.classification.data import CLASS_COUNTS_FILE, build_splits, check_labels, label_names
 from tasks.common.config import DataConfig
 from tasks.common.errors import DataError
 from tasks.common.tracking import start_pipeline_run
@@ -107,8 +109,12 @@ def test_prepare_data_tokenizes_without_padding_and_logs(tiny_config):
     assert json.loads((folder / "label_names.json").read_text()) == names
 
     logged = run.client.get_run(run_id)
-    assert logged.data.metrics["data.rows.train"] == 140
-    assert logged.data.metrics["data.class_count.test.billing"] == 10
+    assert data_figures(run.client, run_id)["rows.train"] == 140  # a table, not a chart
+    assert not [k for k in logged.data.metrics if k.startswith("data")]
+    assert not [k for k in logged.data.metrics if "class_count" in k]  # a table, not charts
+    table = json.loads(Path(run.client.download_artifacts(run_id, CLASS_COUNTS_FILE)).read_text())
+    counts = {(s, label): n for s, label, n in table["data"]}
+    assert table["columns"] == ["split", "label", "rows"] and counts["test", "billing"] == 10
     assert logged.data.tags["data.content_sha256"] == prepared.content_sha256
     contexts = {i.tags[0].value: i.dataset for i in logged.inputs.dataset_inputs}
     assert set(contexts) == {"train", "validation", "test"}

@@ -307,6 +307,7 @@ def stack(tmp_path_factory, make_tiny_config):
                 "tracking.artifact_location=null",  # the server's proxied artifact store
                 "tracking.experiment=production-topology",
                 f"output_dir={outputs['cpu']}",
+                "output.keep=true",  # the test looks into each worker's working folder
             ],
         )
         assert config.train.deployment is None  # the deployment's own overrides set it
@@ -381,6 +382,26 @@ def test_both_flow_runs_completed_on_their_own_pools(stack, mlflow_run):
     assert "Completed" in stack["watch_output"]
 
 
+def test_the_flow_run_is_named_and_tagged_like_its_mlflow_run(stack, mlflow_run):
+    _, run = mlflow_run
+    retrain = _flow_run(stack, stack["flow_run_id"])
+    assert retrain["name"] == run.info.run_name  # <model>-<UTC date>-<short key>
+    assert re.fullmatch(rf"{MODEL_NAME}-20\d{{6}}-[0-9a-f]{{8}}", run.info.run_name)
+    assert {f"model:{MODEL_NAME}", "version:1", "promoted"} <= set(retrain["tags"])
+    assert f"mlflow-run:{run.info.run_id}" in retrain["tags"]
+    assert "production moved to it" in retrain["state"]["message"]
+    train = run.data.tags["train.prefect_flow_run_id"]
+    task_runs = _get_json(
+        f"{stack['api']}/task_runs/filter", {"flow_runs": {"id": {"any_": [train]}}}
+    )
+    [gpu_task] = [t for t in task_runs if t["name"].startswith("train-lora")]
+    assert "gpu" in gpu_task["tags"]
+    in_process = _get_json(
+        f"{stack['api']}/task_runs/filter", {"flow_runs": {"id": {"any_": [stack["flow_run_id"]]}}}
+    )
+    assert all("gpu" not in t["tags"] for t in in_process)  # only the gpu pool's task says gpu
+
+
 def test_the_mlflow_run_holds_artifacts_and_metrics_from_both_workers(stack, mlflow_run):
     client, run = mlflow_run
     run_id = run.info.run_id
@@ -391,10 +412,10 @@ def test_the_mlflow_run_holds_artifacts_and_metrics_from_both_workers(stack, mlf
     stored = list(stack["artifact_store"].rglob(f"{run_id}/artifacts/adapter/*.safetensors"))
     assert stored, "the adapter is not in the server's artifact store"
     metrics = run.data.metrics
-    assert len(client.get_metric_history(run_id, "train.loss")) >= 2  # gpu worker
-    assert metrics["stage_seconds.train_lora"] > 0 and metrics["train.trainable_params"] > 0
-    assert metrics["stage_seconds.prepare_data"] > 0 and metrics["stage_seconds.merge"] > 0
-    assert 0 <= metrics["test.accuracy"] <= 1  # cpu worker
+    assert len(client.get_metric_history(run_id, "train/loss")) >= 2  # gpu worker
+    assert metrics["time/train_lora"] > 0 and metrics["train/trainable_params"] > 0
+    assert metrics["time/prepare_data"] > 0 and metrics["time/merge"] > 0
+    assert 0 <= metrics["test/accuracy"] <= 1  # cpu worker
     assert run.data.params["train.deployment"] == "lora-train/gpu"
     # Each worker worked in its own folder: the gpu one downloaded the data, the cpu one the
     # adapter; training ran only on the gpu worker, every other stage on the cpu one.

@@ -27,7 +27,7 @@ def test_served_model_is_one_of_the_scored_variants(run):
     for c in q.candidates:
         assert 0 <= c.scores["top1_agreement"] <= 1 and c.p50_ms > 0
         assert (
-            c.size_mb < 0.8 * run.client.get_run(run.run_id).data.metrics["quantize.fp32.size_mb"]
+            c.size_mb < 0.8 * run.client.get_run(run.run_id).data.metrics["quantize/fp32.size_mb"]
         )
     choice = json.loads(run.text("quantized/choice.json"))
     assert choice["chosen"] == q.variant and choice["reason"] == q.reason

@@ -14,7 +14,7 @@ STEPS = ["train.max_steps=8", "train.logging_steps=1", "train.checkpoint_steps=4
 
 def losses(config, run_id: str) -> dict[int, float]:
     """The last logged loss per step (a resumed run logs some steps twice)."""
-    history = Tracking.connect(config.tracking).client.get_metric_history(run_id, "train.loss")
+    history = Tracking.connect(config.tracking).client.get_metric_history(run_id, "train/loss")
     return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -31,8 +28,6 @@ from tasks.common.credentials import (
 from tasks.common.errors import ConfigError
 from tasks.common.served_model import free_port
 from testkit.servers import mlflow_server
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_flow_refuses_overrides_with_credentials(planted_secret):
@@ -101,7 +96,7 @@ def test_credentials_come_from_a_prefect_secret_block(monkeypatch, planted_secre
 
 
 @pytest.mark.e2e
-def test_a_run_with_url_credentials_leaves_none_in_prefect(make_tiny_config, tmp_path):
+def test_a_run_with_url_credentials_leaves_none_in_prefect(make_tiny_config, tmp_path, cli):
     """The whole CLI run against a tracking server; then Prefect's database is searched."""
     secret = "PLANTED-PREFECT-SECRET-91c2"
     store, port = tmp_path / "store", free_port()
@@ -114,13 +109,10 @@ def test_a_run_with_url_credentials_leaves_none_in_prefect(make_tiny_config, tmp
     home = tmp_path / "prefect-home"
     server = mlflow_server(store, port)
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", "--config", str(path), "--set"]
+        result = cli.run(  # a process forked from one that imported the CLI (testkit/cli.py)
+            ["run", "--config", str(path), "--set"]
             + [f"tracking.uri=http://alice:{secret}@127.0.0.1:{port}"],
-            cwd=ROOT,
             env={**os.environ, "PREFECT_HOME": str(home)},
-            capture_output=True,
-            text=True,
             timeout=900,
         )
     finally:

@@ -53,9 +53,9 @@ def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
     assert len(s.answers) == 40
     for engine in ("onnx", "torch"):
         t = {
-            k.removeprefix(f"serve.{engine}."): v
+            k.removeprefix(f"serve/{engine}."): v
             for k, v in s.timings.items()
-            if k.startswith(f"serve.{engine}.")
+            if k.startswith(f"serve/{engine}.")
         }
         assert 0 < t["batch1_p50_ms"] <= t["batch1_p95_ms"] <= t["batch1_p99_ms"]
         assert t["batch1_p50_ms_with_tokenizer"] > 0  # (no cross-run timing comparison:
@@ -118,9 +118,7 @@ def test_served_model_check_passes_through_mlflow_models_serve(run):
     assert gate.passed and gate.value == 0 and result.promoted
     run_id = run.client.get_model_version("served-ok", result.version).run_id
     metrics = run.client.get_run(run_id).data.metrics
-    assert (
-        metrics["served_model.request_p50_ms"] > 0 and metrics["served_model.golden_requests"] == 16
-    )
+    assert metrics["serve/http.request_p50_ms"] > 0 and metrics["serve/http.golden_requests"] == 16
 
 
 def test_served_model_that_answers_differently_is_rejected(run, monkeypatch):
@@ -229,10 +227,9 @@ def test_promote_refuses_failed_gates_and_rollback_moves_back(run):
     assert aliases(run, "rollback")["production"] == "3"
 
 
-def test_cli_promote_and_rollback_run_the_promote_flow(run, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_cli_promote_and_rollback_run_the_promote_flow(run, tmp_path, cli, prefect_api):
+    """CLI processes forked from one that imported the CLI once (testkit/cli.py)."""
+    import os
 
     import yaml
 
@@ -241,34 +238,20 @@ def test_cli_promote_and_rollback_run_the_promote_flow(run, tmp_path):
     submit(run, config, run.evaluation, run.served, run.gates)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
 
-    def cli(*args):
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                *args,
-                "--model",
-                "cli-moves",
-                "--config",
-                str(path),
-            ],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    def move(*args):
+        argv = [*args, "--model", "cli-moves", "--config", str(path)]
+        return cli.run(argv, env=env, timeout=300)
 
-    back = cli("rollback")
+    back = move("rollback")
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout[back.stdout.index("{") :])["to"] == "1"
     assert aliases(run, "cli-moves")["production"] == "1"
-    again = cli("promote", "--version", "2")
+    again = move("promote", "--version", "2")
     assert again.returncode == 0, again.stderr
     assert aliases(run, "cli-moves")["production"] == "2"
-    missing = cli("promote", "--version", "9")
+    missing = move("promote", "--version", "9")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "error: model 'cli-moves' has no version '9'" in missing.stderr
 

@@ -27,10 +27,10 @@ def test_train_counts_trainable_parameters_and_logs_curves(run):
     assert run.trained.trainable_params == lora + head
     steps = run.trained.global_steps
     assert steps == 2 * int(np.ceil(140 / 16))
-    assert len(metric_history(run, "train.loss")) == steps // 2  # logging_steps=2
-    assert len(metric_history(run, "train.learning_rate")) == steps // 2
-    assert all(np.isfinite(metric_history(run, "train.grad_norm")))
-    assert len(metric_history(run, "eval.accuracy")) == 2  # one per epoch
+    assert len(metric_history(run, "train/loss")) == steps // 2  # logging_steps=2
+    assert len(metric_history(run, "train/learning_rate")) == steps // 2
+    assert all(np.isfinite(metric_history(run, "train/grad_norm")))
+    assert len(metric_history(run, "eval/accuracy")) == 2  # one per epoch
     assert run.trained.device == "cpu" and run.trained.precision == "fp32"
 
 
@@ -74,12 +74,12 @@ def test_evaluate_metrics_match_the_predictions_table(run):
     accuracy = float((table["label"] == table["predicted"]).mean())
     assert run.evaluation.metrics["accuracy"] == pytest.approx(accuracy)
     logged = run.client.get_run(run.run_id).data.metrics
-    assert logged["test.accuracy"] == pytest.approx(accuracy)
+    assert logged["test/accuracy"] == pytest.approx(accuracy)
     assert {
-        "test.macro_f1",
-        "test.precision.billing",
-        "test.recall.billing",
-        "test.f1.billing",
+        "test/macro_f1",
+        "test/precision.billing",
+        "test/recall.billing",
+        "test/f1.billing",
     } <= set(logged)
     assert run.evaluation.production_metrics is None  # nothing in production yet
     names = {a.path for a in run.client.list_artifacts(run.run_id, "evaluation")}

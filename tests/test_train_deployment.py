@@ -69,12 +69,20 @@ def both_paths(tmp_path_factory, make_tiny_config):
     runner = FakeDeploymentRunner(remote_tmp / "worker")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "run_deployment", runner)
-        remote = retrain_flow(
-            str(_write_config(remote_tmp, make_tiny_config)), [f"train.deployment={DEPLOYMENT}"]
+        remote = retrain_flow(  # output.keep: the tests look into both working folders
+            str(_write_config(remote_tmp, make_tiny_config)),
+            [f"train.deployment={DEPLOYMENT}", "output.keep=true"],
         )
     return SimpleNamespace(
         local=local, local_tmp=local_tmp, remote=remote, remote_tmp=remote_tmp, runner=runner
     )
+
+
+def test_a_finished_run_leaves_no_working_folder_unless_kept(both_paths):
+    outputs = both_paths.local_tmp / "outputs"
+    assert not (outputs / both_paths.local["run_id"]).exists()  # all of it is in MLflow
+    assert not (outputs / "checkpoints" / both_paths.local["run_id"]).exists()
+    assert (both_paths.remote_tmp / "outputs" / both_paths.remote["run_id"]).is_dir()  # kept
 
 
 def _client(tmp: Path) -> MlflowClient:
@@ -124,10 +132,10 @@ def test_deployed_training_is_recorded_and_equals_in_process_training(both_paths
     )
     assert run.data.tags["train.prefect_flow_run_id"] == record["prefect_flow_run_id"]
     assert record["adapter_artifact_path"] == "adapter" and record["device"] == "cpu"
-    (final_loss,) = client.get_metric_history(run.info.run_id, "train.final_loss")
+    (final_loss,) = client.get_metric_history(run.info.run_id, "train/final_loss")
     assert record["global_steps"] == final_loss.step > 0
     local_metrics = _client(both_paths.local_tmp).get_run(both_paths.local["run_id"]).data.metrics
-    for key in ("train.final_loss", "test.accuracy", "test.macro_f1"):
+    for key in ("train/final_loss", "test/accuracy", "test/macro_f1"):
         assert run.data.metrics[key] == pytest.approx(local_metrics[key], abs=1e-6), key
     assert both_paths.remote["promoted"] and both_paths.remote["version"] == "1"
 

@@ -32,6 +32,7 @@ from tasks.causal.modeling import check_base_model
 from tasks.common.config import DataConfig
 from tasks.common.credentials import redact
 from tasks.common.datasets import (
+    DATA_PROFILE_FILE,
     SPLITS,
     columns_found,
     content_sha256,
@@ -162,13 +163,13 @@ def encode_splits(splits: dict[str, pd.DataFrame], tokenizer, data: DataConfig):
         frame, encoded, too_long = tokenize_split(splits[name], tokenizer, data.max_length, name)
         splits[name] = frame
         too_long_total += too_long
-        metrics[f"data.truncated.{name}"] = sum(e.truncated for e in encoded)
-        metrics[f"data.response_tokens.{name}"] = sum(e.trained_tokens for e in encoded)
+        metrics[f"truncated.{name}"] = sum(e.truncated for e in encoded)
+        metrics[f"response_tokens.{name}"] = sum(e.trained_tokens for e in encoded)
         if name == "train" and data.packing:
             rows = pack(encoded, data.max_length, tokenizer.pad_token_id)
             real = sum(len(e.input_ids) for e in encoded)
-            metrics["data.packed_rows"] = len(rows)
-            metrics["data.packing_efficiency"] = real / (len(rows) * data.max_length)
+            metrics["packed_rows"] = len(rows)
+            metrics["packing_efficiency"] = real / (len(rows) * data.max_length)
             parts[name] = Dataset.from_list(rows)
         else:
             parts[name] = to_dataset(frame, encoded, tokenizer)
@@ -187,9 +188,9 @@ def prepare_data(stage: StageContext) -> PreparedData:
     dataset.save_to_disk(str(out_dir / "tokenized"))
     tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
     rows = {name: len(frame) for name, frame in splits.items()}
-    metrics |= {f"data.rows.{k}": v for k, v in rows.items()}
-    metrics |= {f"data.dropped.{k}": v for k, v in dropped.items()}
-    run.log_metrics(metrics)
+    metrics |= {f"rows.{k}": v for k, v in rows.items()}
+    metrics |= {f"dropped.{k}": v for k, v in dropped.items()}
+    run.log_figures(metrics, DATA_PROFILE_FILE)
     run.set_tags(
         {
             "task": config.task,

@@ -87,12 +87,12 @@ def evaluate(stage: StageContext, data: PreparedData, trained: TrainedAdapter) -
         load_base_causal_lm(config.model), tokenizer, test, rows, config
     )
     version, prod_answers = production_answers(stage, rows)
-    logged = {f"test.{k}": v for k, v in metrics.items()}
-    logged |= {f"base.{k}": v for k, v in base_metrics.items()}
+    logged = {f"test/{k}": v for k, v in metrics.items()}
+    logged |= {f"test/base.{k}": v for k, v in base_metrics.items()}
     prod_metrics = None
     if prod_answers is not None:
         prod_metrics = generation_metrics(prod_answers, list(rows["reference"]))
-        logged |= {f"production.{k}": v for k, v in prod_metrics.items()}
+        logged |= {f"production/{k}": v for k, v in prod_metrics.items()}
     run.log_metrics(logged)
 
     table = generations_table(rows, answers, base_answers, version, prod_answers)

@@ -52,9 +52,9 @@ def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> Onnx
     ]
     stage.run.log_metrics(
         {
-            "onnx.fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20,
-            "onnx.parity_prompts": len(prompts),
-            "onnx.parity_new_tokens": n,
+            "onnx/fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20,
+            "onnx/parity_prompts": len(prompts),
+            "onnx/parity_new_tokens": n,
         }
     )
     for gate in gates:

@@ -106,7 +106,7 @@ class OnnxCausalLM(mlflow.pyfunc.PythonModel):
                 )
         return answers
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         max_new_tokens = (params or {}).get("max_new_tokens")
         answers = self.answer(
             _conversations(model_input), None if max_new_tokens is None else int(max_new_tokens)

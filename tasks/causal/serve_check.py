@@ -61,12 +61,12 @@ def decoder_timing_figure(timings: dict[str, float], variant: str):
         left=(
             "time to first token (ms, batch 1)",
             ["p50", "p95", "p99"],
-            [f"serve.{{engine}}.ttft_{p}_ms" for p in ("p50", "p95", "p99")],
+            [f"serve/{{engine}}.ttft_{p}_ms" for p in ("p50", "p95", "p99")],
         ),
         right=(
             "decode tokens / second (batch 1)",
             ["decode"],
-            ["serve.{engine}.tokens_per_second"],
+            ["serve/{engine}.tokens_per_second"],
         ),
     )
 
@@ -77,18 +77,18 @@ def engine_timings(config, serving_dir, merged_dir, tokenizer, prompts, threads)
     session = open_causal_onnx(serving_dir, SERVED_FILE, config.serve.device, threads)
     provider = session.providers[0]
     timings = {
-        f"serve.onnx.{k}": v for k, v in time_decoder(session, tokenizer, prompts, config).items()
+        f"serve/onnx.{k}": v for k, v in time_decoder(session, tokenizer, prompts, config).items()
     }
     del session
     eager = load_causal_lm(str(merged_dir)).eval()
     timings |= {
-        f"serve.torch.{k}": v for k, v in time_decoder(eager, tokenizer, prompts, config).items()
+        f"serve/torch.{k}": v for k, v in time_decoder(eager, tokenizer, prompts, config).items()
     }
-    timings["serve.speedup.ttft_p50"] = (
-        timings["serve.torch.ttft_p50_ms"] / timings["serve.onnx.ttft_p50_ms"]
+    timings["serve/speedup.ttft_p50"] = (
+        timings["serve/torch.ttft_p50_ms"] / timings["serve/onnx.ttft_p50_ms"]
     )
-    timings["serve.speedup.tokens_per_second"] = (
-        timings["serve.onnx.tokens_per_second"] / timings["serve.torch.tokens_per_second"]
+    timings["serve/speedup.tokens_per_second"] = (
+        timings["serve/onnx.tokens_per_second"] / timings["serve/torch.tokens_per_second"]
     )
     return provider, timings
 

@@ -12,7 +12,8 @@ from mlflow.types.schema import Array, Object, Property
 
 from tasks.causal.evaluate import eval_prompts
 from tasks.causal.text_metrics import per_example
-from tasks.common.champion import Comparison, paired_bootstrap_scores
+from tasks.common.champion import Comparison, bootstrap_mean, paired_bootstrap_scores
+from tasks.common.serving import pinned
 from tasks.common.stage import StageContext
 from tasks.records import Evaluation, GoldenSet, PreparedData, ServeReport
 
@@ -40,10 +41,17 @@ def signature(config) -> tuple[ModelSignature, pd.DataFrame, list[str]]:
                 ColSpec("string", "prompt", required=False),
             ]
         ),
+        outputs=Schema(
+            [
+                ColSpec("string", "text"),
+                ColSpec("long", "new_tokens"),
+                ColSpec("string", "finish_reason"),
+            ]
+        ),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", config.eval.max_new_tokens)]),
     )
     example = pd.DataFrame({"prompt": ["My card was charged twice. Which team handles it?"]})
-    return signature, example, REQUIREMENTS
+    return signature, example, pinned(REQUIREMENTS)
 
 
 def serving_spec(stage: StageContext, data: PreparedData) -> dict:
@@ -79,12 +87,20 @@ def compare(
     )
 
 
+def interval(stage: StageContext, data: PreparedData, served: ServeReport) -> Comparison:
+    """The served model's mean per-prompt registry.metric, with a bootstrap interval."""
+    registry = stage.config.registry
+    return bootstrap_mean(
+        registry.metric, served.scores, registry.bootstrap_samples, registry.confidence
+    )
+
+
 def summary(served: ServeReport) -> str:
     """One line of the served model's scores and speed against PyTorch."""
     m, t = served.metrics, served.timings
     return (
         f"ROUGE-L {m['rouge_l']:.4f}, exact match {m['exact_match']:.4f}; time to first "
-        f"token p50 {t['serve.onnx.ttft_p50_ms']:.2f} ms (PyTorch "
-        f"{t['serve.torch.ttft_p50_ms']:.2f} ms), {t['serve.onnx.tokens_per_second']:.1f} "
-        f"tokens/s (PyTorch {t['serve.torch.tokens_per_second']:.1f})"
+        f"token p50 {t['serve/onnx.ttft_p50_ms']:.2f} ms (PyTorch "
+        f"{t['serve/torch.ttft_p50_ms']:.2f} ms), {t['serve/onnx.tokens_per_second']:.1f} "
+        f"tokens/s (PyTorch {t['serve/torch.tokens_per_second']:.1f})"
     )

@@ -19,6 +19,7 @@ from tasks.classification.modeling import check_base_model
 from tasks.common.config import DataConfig, PipelineConfig
 from tasks.common.credentials import redact
 from tasks.common.datasets import (
+    DATA_PROFILE_FILE,
     SPLITS,
     columns_found,
     content_sha256,
@@ -34,6 +35,7 @@ from tasks.common.stage import StageContext
 from tasks.records import PreparedData
 
 LABELS_FILE = "label_names.json"
+CLASS_COUNTS_FILE = "data/class_counts.json"  # a table artifact: split, label, rows
 
 
 def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
@@ -187,6 +189,16 @@ def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], config: Pi
     return DatasetDict(parts), tokenizer, truncated
 
 
+def class_counts(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Rows per label in each split, one row per (split, label)."""
+    rows = [
+        {"split": name, "label": str(label), "rows": int(count)}
+        for name, frame in splits.items()
+        for label, count in frame["label"].value_counts().sort_index().items()
+    ]
+    return pd.DataFrame(rows, columns=["split", "label", "rows"])
+
+
 def prepare_data(stage: StageContext) -> PreparedData:
     """Read the configured data, clean and split it, tokenize, save and log it."""
     config, run = stage.config, stage.run
@@ -199,13 +211,11 @@ def prepare_data(stage: StageContext) -> PreparedData:
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     (out_dir / LABELS_FILE).write_text(json.dumps(names))
     rows = {name: len(frame) for name, frame in splits.items()}
-    metrics = {f"data.rows.{k}": v for k, v in rows.items()}
-    metrics |= {f"data.dropped.{k}": v for k, v in dropped.items()}
-    metrics |= {f"data.truncated.{k}": v for k, v in truncated.items()}
-    for name, frame in splits.items():
-        for label, count in frame["label"].value_counts().items():
-            metrics[f"data.class_count.{name}.{label}"] = int(count)
-    run.log_metrics(metrics)
+    metrics = {f"rows.{k}": v for k, v in rows.items()}
+    metrics |= {f"dropped.{k}": v for k, v in dropped.items()}
+    metrics |= {f"truncated.{k}": v for k, v in truncated.items()}
+    run.log_figures(metrics, DATA_PROFILE_FILE)
+    run.log_table(class_counts(splits), CLASS_COUNTS_FILE)
     run.set_tags(
         {
             "task": config.task,

@@ -56,7 +56,7 @@ def evaluate(stage: StageContext, data: PreparedData, trained: TrainedAdapter) -
     )
     y_true, y_pred = test["labels"], argmax(logits)
     metrics = classification_metrics(y_true, y_pred, names)
-    run.log_metrics({f"test.{k}": v for k, v in metrics.items()})
+    run.log_metrics({f"test/{k}": v for k, v in metrics.items()})
 
     out_dir = stage.stage_dir("evaluation")
     save_figure(
@@ -75,7 +75,7 @@ def evaluate(stage: StageContext, data: PreparedData, trained: TrainedAdapter) -
     if answers is not None:
         prod_pred = label_ids(answers, names)
         prod_metrics = classification_metrics(y_true, prod_pred, names)
-        run.log_metrics({f"production.{k}": v for k, v in prod_metrics.items()})
+        run.log_metrics({f"production/{k}": v for k, v in prod_metrics.items()})
         table["production_predicted"] = [
             a if i >= 0 else "?" for a, i in zip(answers, prod_pred, strict=True)
         ]

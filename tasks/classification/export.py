@@ -47,7 +47,7 @@ def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> Onnx
         ),
         stage.gate("onnx_argmax_mismatches", mismatches, 0, "<="),
     ]
-    stage.run.log_metrics({"onnx.fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20})
+    stage.run.log_metrics({"onnx/fp32_size_mb": (out_dir / ONNX_FILE).stat().st_size / 2**20})
     for gate in gates:
         require(gate)
     return OnnxModel(model=stage.run.log_folder(out_dir, "onnx"), gates=gates)

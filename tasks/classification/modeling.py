@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from tasks.common.config import LoraSection, ModelConfig
+from tasks.common.console import expected
 from tasks.common.errors import ConfigError, ModelError
 from tasks.common.models import (
     base_model_config,
@@ -25,6 +26,9 @@ from tasks.common.models import (
     with_adapter,
     with_lora,
 )
+
+# transformers' notice when the weights it had to initialize are the classification head only
+NEW_HEAD_ONLY = r"newly initialized: \[('(pre_classifier|classifier|score)\.[^']*'(, )?)+\]"
 
 
 def check_base_model(model_cfg: ModelConfig, max_length: int) -> None:
@@ -44,17 +48,20 @@ def check_base_model(model_cfg: ModelConfig, max_length: int) -> None:
 
 
 def load_classifier(source: str, label_names: Sequence[str], trust_remote_code: bool = False):
-    """A sequence classifier with one output per label (new head if the source has none)."""
+    """A sequence classifier with one output per label (new head if the source has none:
+    transformers' notice that only the head is "newly initialized" is what we ask for, so it
+    is not shown; other new weights still are)."""
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=False,
-        )
+        with expected("transformers.modeling_utils", NEW_HEAD_ONLY):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={name: i for i, name in enumerate(label_names)},
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                ignore_mismatched_sizes=False,
+            )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelError(
             f"cannot load model weights from {source!r}: {type(exc).__name__}: {exc}; the "

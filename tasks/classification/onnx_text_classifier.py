@@ -52,7 +52,7 @@ class OnnxTextClassifier(mlflow.pyfunc.PythonModel):
         )
         self.input_names = {i.name for i in self.session.get_inputs()}
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         texts = _texts(model_input)
         rows = []
         for start in range(0, len(texts), self.batch_size):

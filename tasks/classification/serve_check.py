@@ -61,7 +61,7 @@ def time_engines(
         ]
         for suffix, fn, inputs in (("", run, encoded), ("_with_tokenizer", run_text, singles)):
             stats = latency_ms(fn, inputs, serve.warmup_runs, serve.latency_runs)
-            timings |= {f"serve.{engine}.batch1_{k}{suffix}": v for k, v in stats.items()}
+            timings |= {f"serve/{engine}.batch1_{k}{suffix}": v for k, v in stats.items()}
         for size in serve.throughput_batch_sizes:
             pool = texts * -(-size // len(texts))  # repeat when the split is smaller than a batch
             text_batches = [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
@@ -71,17 +71,17 @@ def time_engines(
                 )
                 for b in text_batches
             ]
-            timings[f"serve.{engine}.batch{size}_per_second"] = throughput(run, batches, size)
-            timings[f"serve.{engine}.batch{size}_per_second_with_tokenizer"] = throughput(
+            timings[f"serve/{engine}.batch{size}_per_second"] = throughput(run, batches, size)
+            timings[f"serve/{engine}.batch{size}_per_second_with_tokenizer"] = throughput(
                 run_text, text_batches, size
             )
-    timings["serve.speedup.batch1_p50"] = (
-        timings["serve.torch.batch1_p50_ms"] / timings["serve.onnx.batch1_p50_ms"]
+    timings["serve/speedup.batch1_p50"] = (
+        timings["serve/torch.batch1_p50_ms"] / timings["serve/onnx.batch1_p50_ms"]
     )
     for size in serve.throughput_batch_sizes:
-        timings[f"serve.speedup.batch{size}_throughput"] = (
-            timings[f"serve.onnx.batch{size}_per_second"]
-            / timings[f"serve.torch.batch{size}_per_second"]
+        timings[f"serve/speedup.batch{size}_throughput"] = (
+            timings[f"serve/onnx.batch{size}_per_second"]
+            / timings[f"serve/torch.batch{size}_per_second"]
         )
     return timings
 
@@ -94,12 +94,12 @@ def timing_figure(timings: dict[str, float], sizes: list[int], variant: str):
         left=(
             "batch-1 latency (ms, model only)",
             ["p50", "p95", "p99"],
-            [f"serve.{{engine}}.batch1_{p}_ms" for p in ("p50", "p95", "p99")],
+            [f"serve/{{engine}}.batch1_{p}_ms" for p in ("p50", "p95", "p99")],
         ),
         right=(
             "examples / second (model only)",
             [f"batch {s}" for s in sizes],
-            [f"serve.{{engine}}.batch{s}_per_second" for s in sizes],
+            [f"serve/{{engine}}.batch{s}_per_second" for s in sizes],
         ),
     )
 

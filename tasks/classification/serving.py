@@ -7,11 +7,13 @@ from pathlib import Path
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import Map
 
 from tasks.classification.data import label_names, load_split
 from tasks.classification.metrics import label_ids
 from tasks.classification.onnx_text_classifier import OnnxTextClassifier
-from tasks.common.champion import Comparison, paired_bootstrap
+from tasks.common.champion import Comparison, bootstrap_metric, paired_bootstrap
+from tasks.common.serving import pinned
 from tasks.common.stage import StageContext
 from tasks.records import Evaluation, GoldenSet, PreparedData, ServeReport
 
@@ -21,8 +23,17 @@ REQUIREMENTS = ["onnxruntime", "transformers", "tokenizers", "numpy", "pandas"]
 
 def signature(config) -> tuple[ModelSignature, pd.DataFrame, list[str]]:
     """The pyfunc's signature, input example and pip requirements."""
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]))
-    return signature, pd.DataFrame({"text": ["my card was charged twice"]}), REQUIREMENTS
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("double", "score"),
+                ColSpec(Map("double"), "probabilities"),
+            ]
+        ),
+    )
+    return signature, pd.DataFrame({"text": ["my card was charged twice"]}), pinned(REQUIREMENTS)
 
 
 def serving_spec(stage: StageContext, data: PreparedData) -> dict:
@@ -75,10 +86,23 @@ def compare(
     )
 
 
+def interval(stage: StageContext, data: PreparedData, served: ServeReport) -> Comparison:
+    """The served model's registry.metric on the test split, with a bootstrap interval."""
+    registry, names = stage.config.registry, label_names(stage, data)
+    return bootstrap_metric(
+        registry.metric,
+        label_ids(served.references, names),
+        label_ids(served.answers, names),
+        len(names),
+        registry.bootstrap_samples,
+        registry.confidence,
+    )
+
+
 def summary(served: ServeReport) -> str:
     """One line of the served model's scores and speed against PyTorch."""
     m, t = served.metrics, served.timings
     return (
         f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}; batch-1 p50 "
-        f"{t['serve.onnx.batch1_p50_ms']:.2f} ms (PyTorch {t['serve.torch.batch1_p50_ms']:.2f} ms)"
+        f"{t['serve/onnx.batch1_p50_ms']:.2f} ms (PyTorch {t['serve/torch.batch1_p50_ms']:.2f} ms)"
     )

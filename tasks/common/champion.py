@@ -17,7 +17,8 @@ CHUNK_ELEMENTS = 2_000_000  # resampled example indices held at once (16 MB of i
 
 @dataclass(frozen=True)
 class Comparison:
-    """Candidate minus production on the same examples, with a bootstrap interval."""
+    """Candidate minus production on the same examples, with a bootstrap interval. (For one
+    model's own score, from bootstrap_metric / bootstrap_mean, `delta` is that score.)"""
 
     metric: str
     delta: float
@@ -96,6 +97,35 @@ def paired_bootstrap(
         )
 
     return _bootstrap(metric, delta_rows, len(y), samples, confidence, seed)
+
+
+def bootstrap_metric(
+    metric: str,
+    y_true: Sequence[int],
+    predicted: Sequence[int],
+    num_classes: int,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Comparison:
+    """Classification: one model's metric on the test examples and its bootstrap interval."""
+    y, p = (np.asarray(a, dtype=np.int64) for a in (y_true, predicted))
+    return _bootstrap(
+        metric,
+        lambda idx: metric_rows(metric, y[idx], p[idx], num_classes),
+        len(y),
+        samples,
+        confidence,
+        seed,
+    )
+
+
+def bootstrap_mean(
+    metric: str, scores: Sequence[float], samples: int = 1000, confidence: float = 0.95, seed=0
+) -> Comparison:
+    """Per-example scores (e.g. ROUGE-L per prompt): their mean and its bootstrap interval."""
+    s = np.asarray(scores, dtype=np.float64)
+    return _bootstrap(metric, lambda idx: s[idx].mean(axis=1), len(s), samples, confidence, seed)
 
 
 def paired_bootstrap_scores(

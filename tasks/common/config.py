@@ -437,6 +437,17 @@ def _changed(section: BaseModel, key: str) -> bool:
     )
 
 
+class OutputConfig(_Section):
+    """What stays in output_dir after a run."""
+
+    keep: bool = Field(
+        False,
+        description="Keep the run's working folder (output_dir/<run id>) and its training "
+        "checkpoints after the run finishes; by default they are removed once everything is "
+        "in the artifact store (checkpoints once training finished).",
+    )
+
+
 class PipelineConfig(_Section):
     """The whole retraining pipeline."""
 
@@ -459,6 +470,7 @@ class PipelineConfig(_Section):
     output_dir: str = Field(
         "outputs", min_length=1, description="Local working folder for stage outputs."
     )
+    output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _task_defaults(self) -> PipelineConfig:

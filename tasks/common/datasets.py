@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from datasets import Dataset, Features, Value, load_dataset
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -26,6 +27,7 @@ from tasks.common.errors import DataError
 from tasks.common.tracking import TrackedRun
 
 SPLITS = ("train", "validation", "test")
+DATA_PROFILE_FILE = "data/profile.json"  # table: rows.<split>, dropped.<reason>, truncated.<split>
 SPLIT_FILE_STEMS = {
     "train": ("train",),
     "validation": ("validation", "valid", "val", "dev"),
@@ -258,8 +260,11 @@ def remove_leakage(splits: dict[str, pd.DataFrame]) -> int:
 def log_dataset_inputs(
     run: TrackedRun, data: DataConfig, tables: dict[str, pd.DataFrame], targets: str
 ) -> None:
-    """Each split as an MLflow dataset input (with its digest), named after the data file."""
-    source = redact(Path(data.path).resolve())
+    """Each split as an MLflow dataset input (with its digest), named after the data file.
+    The source is built as a local one: from a plain path MLflow would guess, and warn that
+    two registered local source types match."""
+    uri = json.dumps({"uri": redact(Path(data.path).resolve())})
+    source = get_dataset_source_from_json(uri, source_type="local")
     inputs = []
     for name, table in tables.items():
         ds = mlflow.data.from_pandas(

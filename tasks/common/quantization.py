@@ -155,15 +155,15 @@ def log_choice(run: TrackedRun, choice: Choice, scorer: VariantScorer) -> None:
     """Every variant's figures, the gates, tags, and quantized/choice.json."""
     fp32, chosen, latency = choice.fp32, choice.chosen, scorer.latency_name
     metrics = {
-        f"quantize.fp32.{name}": value
+        f"quantize/fp32.{name}": value
         for name, value in fp32.figures(latency).items()
         if "agreement" not in name
     }
-    metrics["quantize.served.size_ratio"] = chosen.size_mb / fp32.size_mb
-    metrics[f"quantize.served.{scorer.score_name}"] = chosen.scores[scorer.score_name]
+    metrics["quantize/served.size_ratio"] = chosen.size_mb / fp32.size_mb
+    metrics[f"quantize/served.{scorer.score_name}"] = chosen.scores[scorer.score_name]
     for c in choice.candidates:
-        metrics |= {f"quantize.{c.name}.{k}": v for k, v in c.figures(latency).items()}
-        metrics[f"quantize.{c.name}.passed"] = float(c.passed)
+        metrics |= {f"quantize/{c.name}.{k}": v for k, v in c.figures(latency).items()}
+        metrics[f"quantize/{c.name}.passed"] = float(c.passed)
     run.log_metrics(metrics)
     for gate in choice.gates:
         run.log_gate(gate)

@@ -18,6 +18,7 @@ import json
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from tasks.common.errors import ConfigError, PipelineError
 from tasks.common.faults import kill_point
@@ -80,6 +81,27 @@ def ensure_registered_model(client: MlflowClient, name: str, description: str) -
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def create_version(client: MlflowClient, name: str, model_uri: str, tags: dict) -> str:
+    """A new version of the registered model `name` (ensure_registered_model made it) from a
+    logged model (models:/<model id>), linked both ways as mlflow.register_model links them.
+    Not register_model itself: it would try to create the registered model again and print
+    "Registered model ... already exists" (and "Created version ...") on stderr."""
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+    source, run_id = model_uri, None
+    if model_id is not None:  # the logged model's folder: a models:/ source would be looked up
+        logged = client.get_logged_model(model_id)  # through MLflow's global tracking URI
+        source, run_id = logged.artifact_location, logged.source_run_id
+    version = client.create_model_version(
+        name, source=source, run_id=run_id, tags=tags, await_creation_for=300, model_id=model_id
+    )
+    if model_id is not None:  # the logged model's list of its versions (MLflow UI)
+        listed = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+        entry = {"name": version.name, "version": version.version}
+        links = [*(json.loads(listed) if listed else []), entry]
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
+    return str(version.version)
 
 
 def gate_record(version: ModelVersion) -> list[Gate] | None:

@@ -17,7 +17,7 @@ from mlflow.entities import Run
 
 from tasks.common.config import PipelineConfig
 from tasks.common.lease import Lease, RunInProgress, claims, describe, lease_alive
-from tasks.common.tracking import Tracking, reopen_pipeline_run, start_pipeline_run
+from tasks.common.tracking import Tracking, reopen_pipeline_run, run_name, start_pipeline_run
 
 KEY_TAG = "pipeline.key"
 VERSION_TAG = "registry.version"
@@ -74,7 +74,7 @@ def _resume(tracking: Tracking, config: PipelineConfig, run: Run) -> Claim | Non
 
 
 def _start(tracking: Tracking, config: PipelineConfig, key: str) -> Claim | None:
-    run_id = start_pipeline_run(config, extra_tags={KEY_TAG: key})
+    run_id = start_pipeline_run(config, run_name(config, key), extra_tags={KEY_TAG: key})
     lease = Lease(tracking.client, run_id, config.tracking.lease_ttl_s)
     if lease.claim(0):
         ttl = config.tracking.lease_ttl_s

@@ -8,6 +8,7 @@ for causal_lm).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -18,8 +19,29 @@ import torch
 from tasks.common.config import PipelineConfig
 from tasks.common.onnx import SERVED_FILE
 from tasks.common.plots import save_figure
+from tasks.common.storage import run_folder
 
 SPEC_FILE = "serving.json"
+
+
+def pinned(packages: list[str]) -> list[str]:
+    """`package==version` as installed here, so the served model gets what was checked.
+    onnxruntime is pinned as whichever build is installed (onnxruntime-gpu on GPU machines)."""
+    pins = []
+    for name in packages:
+        if name == "onnxruntime" and not _installed(name) and _installed("onnxruntime-gpu"):
+            name = "onnxruntime-gpu"
+        version = importlib.metadata.version(name).split("+")[0] if _installed(name) else None
+        pins.append(f"{name}=={version}" if version else name)  # 2.13.0+cpu: ==2.13.0 matches
+    return pins
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def serving_spec(config: PipelineConfig, variant: str, kind_spec: dict) -> dict:
@@ -52,10 +74,10 @@ def serving_threads(config: PipelineConfig) -> int:
 
 
 def log_serve_check(stage, metrics: dict, timings: dict, figure, tags: dict) -> None:
-    """The served model's metrics (served.*), both engines' timings, the latency plot
+    """The served model's metrics (serve/<metric>), both engines' timings, the latency plot
     (plots/serving_latency.png) and the serving tags."""
     run = stage.run
-    run.log_metrics({f"served.{k}": v for k, v in metrics.items()} | timings)
-    path = Path(stage.config.output_dir) / run.run_id / "plots" / "serving_latency.png"
+    run.log_metrics({f"serve/{k}": v for k, v in metrics.items()} | timings)
+    path = run_folder(stage.config, run.run_id) / "plots" / "serving_latency.png"
     run.log_artifact(save_figure(figure, path), "plots")
     run.set_tags(tags)

@@ -10,7 +10,7 @@ from pathlib import Path
 from tasks.common.config import PipelineConfig
 from tasks.common.gates import Comparison, Gate, evaluate_gate
 from tasks.common.models import base_model_mb
-from tasks.common.storage import ensure_room, need_mb
+from tasks.common.storage import ensure_room, need_mb, run_folder
 from tasks.common.tracking import ArtifactRef, TrackedRun, Tracking
 
 
@@ -34,7 +34,7 @@ class StageContext:
         root = self.run.tracking.artifact_root
         if root is not None:
             ensure_room(root, need, name, setting="tracking.artifact_location")
-        return ensure_room(Path(self.config.output_dir) / self.run_id / name, need, name)
+        return ensure_room(run_folder(self.config, self.run_id) / name, need, name)
 
     def fetch(self, ref: ArtifactRef) -> Path:
         return self.run.fetch(ref)
@@ -46,7 +46,7 @@ class StageContext:
 
 @contextmanager
 def open_stage(config: PipelineConfig, run_id: str, stage: str) -> Iterator[StageContext]:
-    """Connect to the run's store and time the stage (metric stage_seconds.<stage>)."""
+    """Connect to the run's store and time the stage (metric time/<stage>)."""
     run = Tracking.connect(config.tracking).run(run_id)
     context = StageContext(config, run, stage, base_model_mb(config.model))
     with run.timer(stage):

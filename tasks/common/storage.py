@@ -52,3 +52,15 @@ def ensure_room(folder: Path, need_mb: float, stage: str, setting: str = "output
 def need_mb(name: str, model_mb: float) -> float:
     """Room a stage output needs: a share of the base model's size, plus 10 MB."""
     return 10 + NEED_IN_MODEL_SIZES.get(name, 1.0) * max(model_mb, 100.0)
+
+
+def tidy(config, folder: Path) -> None:
+    """Remove a working folder whose contents are safe in the artifact store, unless
+    output.keep (a folder already gone is fine)."""
+    if not config.output.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_folder(config, run_id: str) -> Path:
+    """output_dir/<run id>: every stage's working copy for one MLflow run."""
+    return Path(config.output_dir) / run_id

@@ -8,6 +8,7 @@ points MLflow at this store for their duration only.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import importlib.metadata
 import json
@@ -19,17 +20,26 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import mlflow
+import pandas as pd
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service import utils as tracking_utils
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from tasks.common.config import PipelineConfig, TrackingConfig
 from tasks.common.credentials import redact
@@ -54,6 +64,9 @@ _PARAM_BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_b
 _METRIC_BATCH = 1000
 _KEY_CHARS = re.compile(r"[^\w./\- ]")  # what MLflow accepts in a metric/param key (":" aside)
 _KEY_MAX = 250
+LOCAL_UI = "http://127.0.0.1:5000"  # `make ui` / `make up` serve an embedded store here
+SOURCE_NAME = "flows/retrain.py (lora-retrain)"
+_NOTE_SPLIT = "\n\n---\n\n"  # run description: what runs, then (after register) the outcome
 
 
 def metric_key(key: str) -> str:
@@ -283,6 +296,18 @@ class TrackedRun:
     def log_json(self, data: dict, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, sort_keys=True), artifact_file)
 
+    def log_figures(self, figures: Mapping[str, float], artifact_file: str) -> None:
+        """Single numbers (rows, drops per reason) as a figure/value table: the chart view is
+        kept for curves and scores."""
+        frame = pd.DataFrame(
+            {"figure": list(figures), "value": [float(v) for v in figures.values()]}
+        )
+        self.log_table(frame, artifact_file)
+
+    def log_table(self, frame, artifact_file: str) -> None:
+        """A table (a pandas DataFrame) the MLflow UI shows as one: counts, not charts."""
+        self.client.log_table(self.run_id, frame, artifact_file)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -290,8 +315,8 @@ class TrackedRun:
         """Record a gate as metrics (value, passed) and a JSON artifact; return it unchanged."""
         self.log_metrics(
             {
-                f"gate.{gate.name}.value": gate.value,
-                f"gate.{gate.name}.passed": float(gate.passed),
+                f"gate/{gate.name}.value": gate.value,
+                f"gate/{gate.name}.passed": float(gate.passed),
             }
         )
         self.client.log_dict(self.run_id, gate.as_dict(), f"gates/{gate.name}.json")
@@ -332,13 +357,56 @@ class TrackedRun:
 
     @contextmanager
     def timer(self, stage: str) -> Iterator[None]:
-        """Log the wall time of a stage's work as metric stage_seconds.<stage>."""
+        """Log the wall time of a stage's work as metric time/<stage>."""
         start = time.perf_counter()
         yield
-        self.log_metrics({f"stage_seconds.{stage}": time.perf_counter() - start})
+        self.log_metrics({f"time/{stage}": time.perf_counter() - start})
 
 
 # ---- the pipeline run's life: start, continue, end --------------------------------------
+
+
+def run_name(config: PipelineConfig, key: str) -> str:
+    """`<registered model>-<UTC date>-<short pipeline key>`, for the MLflow run and the
+    Prefect flow run alike."""
+    return f"{config.registry.model_name}-{datetime.now(UTC):%Y%m%d}-{key[:8]}"
+
+
+def run_url(tracking: Tracking, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or `make ui`'s address for an
+    embedded store."""
+    base = tracking.uri if tracking.uri.startswith(("http://", "https://")) else LOCAL_UI
+    page = f"/#/experiments/{tracking.experiment_id}/runs/{run_id}"
+    return f"{base.rstrip('/')}{page}?workflowType=machine_learning"  # not the GenAI view
+
+
+def start_note(config: PipelineConfig) -> str:
+    return (
+        f"LoRA retrain of `{redact(config.model.name_or_path)}` into registered model "
+        f"`{config.registry.model_name}` ({config.task}) on `{redact(config.data.path)}`; "
+        f"the decision about production is added here when the run registers its version."
+    )
+
+
+def describe_run(run: TrackedRun, outcome: str) -> None:
+    """The run's description (the MLflow UI's Description): its start note, then `outcome`."""
+    note = run.client.get_run(run.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+    run.set_tags({MLFLOW_RUN_NOTE: note.split(_NOTE_SPLIT)[0] + _NOTE_SPLIT + outcome})
+
+
+def source_tags(config: PipelineConfig) -> dict[str, str]:
+    """Who started the run and from what code: the UI's Source and User columns."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    return {
+        MLFLOW_USER: user,
+        MLFLOW_SOURCE_NAME: SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE: "JOB",
+        MLFLOW_GIT_COMMIT: _git_commit(),
+        MLFLOW_RUN_NOTE: start_note(config),
+    }
 
 
 def _git_commit() -> str:
@@ -380,9 +448,9 @@ def start_pipeline_run(
     """Create the pipeline's MLflow run with params, tags and the resolved config."""
     tracking = Tracking.connect(config.tracking)
     tags = {
+        **source_tags(config),
         **(extra_tags or {}),
         "prefect.flow_run_id": prefect_flow_run_id(),
-        "git.commit": _git_commit(),
         "pipeline.base_model": redact(config.model.name_or_path),
         "model.trust_remote_code": str(config.model.trust_remote_code),
         **{f"version.{k}": v for k, v in package_versions().items()},

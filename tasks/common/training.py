@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from datasets import DatasetDict
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
 
 from lora_core import InjectionReport, save_adapter
 from tasks.common.config import PipelineConfig, TrainConfig
+from tasks.common.console import TrainingProgress
 from tasks.common.errors import TrainingError
 from tasks.common.models import resolve_model_path
 from tasks.common.preflight import training_device_available
@@ -67,8 +69,15 @@ def pick_precision(train: TrainConfig, device: str) -> str:
     return "fp32"
 
 
+# The Trainer's closing summary and per-evaluation timings repeat what _log_training records
+# once (train/final_loss, train/runtime_seconds, ...): not logged as curves.
+SUMMARY_LOGS = ("epoch", "train_loss", "train_runtime", "total_flos", "eval_runtime")
+_SPEEDS = ("_samples_per_second", "_steps_per_second")
+
+
 class MlflowStepLogger(TrainerCallback):
-    """Sends the Trainer's logs (loss, lr, grad norm, eval metrics) to the pipeline run."""
+    """Sends the Trainer's logs (loss, lr, grad norm, eval metrics) to the pipeline run as
+    train/<name> and eval/<name> curves."""
 
     def __init__(self, run: TrackedRun):
         self.run = run
@@ -78,13 +87,13 @@ class MlflowStepLogger(TrainerCallback):
             return
         metrics = {}
         for key, value in logs.items():
-            if not isinstance(value, int | float) or key == "epoch":
+            if not isinstance(value, int | float) or key in SUMMARY_LOGS or key.endswith(_SPEEDS):
                 continue
             name = key[len("eval_") :] if key.startswith("eval_") else key
             prefix = "eval" if key.startswith("eval_") else "train"
-            metrics[f"{prefix}.{name}"] = value
+            metrics[f"{prefix}/{name}"] = value
         if metrics:
-            metrics["train.epoch"] = logs.get("epoch", state.epoch or 0.0)
+            metrics["train/epoch"] = logs.get("epoch", state.epoch or 0.0)
             self.run.log_metrics(metrics, step=state.global_step)
 
 
@@ -193,8 +202,9 @@ def fit(
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=setup.collator,
         compute_metrics=setup.compute_metrics,
-        callbacks=[MlflowStepLogger(run)],
+        callbacks=[MlflowStepLogger(run), TrainingProgress()],
     )
+    trainer.remove_callback(PrinterCallback)  # its raw dicts: TrainingProgress's lines instead
     resume = last_complete_checkpoint(checkpoints)
     if resume:
         run.set_tags({"train.resumed_from": Path(resume).name})
@@ -222,13 +232,13 @@ def _log_training(run, config, report, result, train_split, device, precision) -
     epochs_done = result.metrics.get("epoch", config.train.epochs)
     run.log_metrics(
         {
-            "train.trainable_params": report.trainable_params,
-            "train.total_params": report.total_params,
-            "train.trainable_fraction": report.trainable_params / report.total_params,
-            "train.runtime_seconds": result.metrics["train_runtime"],
-            "train.samples_per_second": result.metrics["train_samples_per_second"],
-            "train.tokens_per_second": n_tokens * epochs_done / result.metrics["train_runtime"],
-            "train.final_loss": result.training_loss,
+            "train/trainable_params": report.trainable_params,
+            "train/total_params": report.total_params,
+            "train/trainable_fraction": report.trainable_params / report.total_params,
+            "train/runtime_seconds": result.metrics["train_runtime"],
+            "train/samples_per_second": result.metrics["train_samples_per_second"],
+            "train/tokens_per_second": n_tokens * epochs_done / result.metrics["train_runtime"],
+            "train/final_loss": result.training_loss,
         },
         step=result.global_step,
     )

@@ -7,18 +7,48 @@ from dataclasses import asdict
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
-from tasks.common.tracking import TrackedRun
+from tasks.common.tracking import TrackedRun, describe_run, run_url
 from tasks.records import Evaluation, QuantizedModel, Registration, ServeReport
+from tasks.register.model_card import gate_table
+
+
+def decision_line(result: Registration, evaluation: Evaluation) -> str:
+    """Where production is now and why, in one sentence."""
+    if result.promoted:
+        was = f" (was v{result.previous_production})" if result.previous_production else ""
+        return f"Production moved to v{result.version}{was}: {result.reason}"
+    held = f" at v{evaluation.production_version}" if evaluation.production_version else ""
+    return f"Production kept{held}; v{result.version} not promoted: {result.reason}"
+
+
+def key_figures(result: Registration, evaluation, served: ServeReport, quantized, metric) -> str:
+    """The candidate's scores, the served variant and the gates, in a few Markdown lines."""
+    failed = [g.name for g in result.gates if not g.passed]
+    gates = f"{len(result.gates) - len(failed)}/{len(result.gates)} gates passed" + (
+        f" (failed: {', '.join(failed)})" if failed else ""
+    )
+    lines = [
+        f"- test {metric}: served {served.metrics[metric]:.4f}, adapter (PyTorch) "
+        f"{evaluation.metrics[metric]:.4f}",
+        f"- served: {quantized.variant} ONNX on {served.provider}",
+        f"- {gates}",
+    ]
+    if result.comparison is not None:
+        c = result.comparison
+        lines.append(
+            f"- against production v{evaluation.production_version}: {c.metric} "
+            f"{c.delta:+.4f}, {c.confidence:.0%} CI [{c.low:+.4f}, {c.high:+.4f}]"
+        )
+    return "\n".join(lines)
 
 
 def report_markdown(
-    result: Registration, evaluation: Evaluation, quantized: QuantizedModel, served_line: str
+    result: Registration,
+    evaluation: Evaluation,
+    quantized: QuantizedModel,
+    served_line: str,
+    run_link: str,
 ) -> str:
-    rows = "\n".join(
-        f"| {g.name} | {g.value:.6g} | {g.comparison} {g.threshold:.6g} | "
-        f"{'pass' if g.passed else 'FAIL'} |"
-        for g in result.gates
-    )
     comparison = ""
     if result.comparison is not None:
         c = result.comparison
@@ -31,7 +61,7 @@ def report_markdown(
         f"**Production moved:** {'yes' if result.promoted else 'no'} ({result.reason})\n"
         f"{comparison}\n"
         f"Served: {quantized.variant} on {served_line}\n\n"
-        f"| gate | value | required | result |\n|---|---|---|---|\n{rows}\n"
+        f"MLflow run: {run_link}\n\n{gate_table(result.gates)}"
     )
 
 
@@ -42,8 +72,10 @@ def write_report(
     evaluation: Evaluation,
     quantized: QuantizedModel,
     summary: str,
+    metric: str,
 ) -> None:
-    """promotion/report.json and .md in the run; a Prefect artifact inside a flow run."""
+    """promotion/report.json and .md in the run, the version's and the run's descriptions
+    (decision and key figures), and a Prefect artifact inside a flow run."""
     report = asdict(result) | {
         "candidate_served_metrics": served.metrics,
         "candidate_adapter_metrics": evaluation.metrics,
@@ -55,8 +87,15 @@ def write_report(
         "timings": served.timings,
     }
     run.log_json(report, "promotion/report.json")
-    markdown = report_markdown(result, evaluation, quantized, f"{served.provider}; {summary}")
+    link = run_url(run.tracking, run.run_id)
+    markdown = report_markdown(result, evaluation, quantized, f"{served.provider}; {summary}", link)
     run.log_text(markdown, "promotion/report.md")
+    decision = decision_line(result, evaluation)
+    figures = key_figures(result, evaluation, served, quantized, metric)
+    run.client.update_model_version(
+        result.model_name, result.version, description=f"{decision}\n\n{figures}\n\nRun: {link}"
+    )
+    describe_run(run, f"**{decision}**\n\n{figures}")
     if FlowRunContext.get() is not None:  # outside a Prefect run there is nowhere to show it
         create_markdown_artifact(
             markdown=markdown,

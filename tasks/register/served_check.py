@@ -40,10 +40,10 @@ def served_model_check(stage: StageContext, golden: GoldenSet, model_uri: str) -
         )
     stage.run.log_metrics(
         {
-            "served_model.request_p50_ms": single["p50_ms"],
-            "served_model.request_p95_ms": single["p95_ms"],
-            f"served_model.batch{len(golden.records)}_request_ms": batch_ms,
-            "served_model.golden_requests": len(golden.records),
+            "serve/http.request_p50_ms": single["p50_ms"],
+            "serve/http.request_p95_ms": single["p95_ms"],
+            f"serve/http.batch{len(golden.records)}_request_ms": batch_ms,
+            "serve/http.golden_requests": len(golden.records),
         }
     )
     return stage.gate("served_model_prediction_mismatches", mismatches(answers, golden), 0, "<=")

@@ -29,6 +29,7 @@ from tasks.common.gates import Gate
 from tasks.common.registry import (
     CHALLENGER,
     PRODUCTION,
+    create_version,
     delete_unfinished,
     ensure_registered_model,
     gate_record,
@@ -42,6 +43,7 @@ from tasks.common.stage import StageContext
 from tasks.interface import TaskKind
 from tasks.records import Evaluation, PreparedData, QuantizedModel, Registration, ServeReport
 from tasks.register.decision import champion_gate, decide
+from tasks.register.model_card import CARD_FILE, CardFacts, model_card
 from tasks.register.report import write_report
 from tasks.register.served_check import served_model_check
 
@@ -50,16 +52,22 @@ PENDING, DECIDED, COMPLETE = "pending", "decided", "complete"
 COMPARED_TAG = "compared_with_production"  # the production version the decision was made against
 
 
-def log_serving_model(stage: StageContext, kind: TaskKind, data, quantized) -> tuple[str, Path]:
-    """Build the serving folder and log it as a pyfunc model (code + artifacts, no pickle);
-    returns the model's URI and the folder."""
-    config = stage.config
+def log_serving_model(stage: StageContext, kind: TaskKind, facts: dict) -> tuple[str, Path]:
+    """Build the serving folder and log it as a pyfunc model (code + artifacts, no pickle)
+    with its model card (README.md at the model's root); returns the model's URI and the
+    folder. `facts`: CardFacts' fields but spec and example (data, evaluation, quantized,
+    served, interval, gates)."""
+    config, quantized = stage.config, facts["quantized"]
+    spec = kind.serving_spec(stage, facts["data"])
     serving_dir = build_serving_folder(
         stage.fetch(quantized.model),
         stage.stage_dir("serving_model"),
-        serving_spec(config, quantized.variant, kind.serving_spec(stage, data)),
+        serving_spec(config, quantized.variant, spec),
     )
     signature, example, requirements = kind.signature(config)
+    card = model_card(
+        config, stage.run_id, kind.DESCRIPTION, CardFacts(**facts, spec=spec, example=example)
+    )
     with stage.run.active():
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -69,6 +77,9 @@ def log_serving_model(stage: StageContext, kind: TaskKind, data, quantized) -> t
             input_example=example,
             pip_requirements=requirements,
         )
+    card_path = stage.stage_dir("model_card") / CARD_FILE
+    card_path.write_text(card)
+    stage.run.client.log_model_artifact(info.model_id, str(card_path))
     return info.model_uri, serving_dir
 
 
@@ -96,10 +107,10 @@ def earlier_version(stage: StageContext, name: str) -> ModelVersion | None:
 def new_version(stage, model_uri: str, served, quantized, data) -> str:
     name = stage.config.registry.model_name
     tags = {STATE_TAG: PENDING, **version_tags(stage, served, quantized, data)}
-    with stage.run.tracking.fluent():
-        registered = mlflow.register_model(model_uri, name, await_registration_for=300, tags=tags)
+    with stage.run.tracking.fluent():  # the registry store looks the logged model up there
+        number = create_version(stage.run.client, name, model_uri, tags)
     kill_point("register:after-version")
-    return str(registered.version)
+    return number
 
 
 def check_and_decide(stage, kind, data, served, serving_dir, version, gates, champion, evaluation):
@@ -165,9 +176,9 @@ def _log_champion(stage: StageContext, champion: Gate | None, comparison: Compar
     stage.run.log_gate(champion)
     stage.run.log_metrics(
         {
-            f"champion.{comparison.metric}_delta": comparison.delta,
-            f"champion.{comparison.metric}_delta_ci_low": comparison.low,
-            f"champion.{comparison.metric}_delta_ci_high": comparison.high,
+            f"production/{comparison.metric}_delta": comparison.delta,
+            f"production/{comparison.metric}_delta_ci_low": comparison.low,
+            f"production/{comparison.metric}_delta_ci_high": comparison.high,
         }
     )
 
@@ -190,7 +201,9 @@ def register(
     ensure_registered_model(client, name, kind.DESCRIPTION)
     version = earlier_version(stage, name)
     if version is None:
-        model_uri, serving_dir = log_serving_model(stage, kind, data, quantized)
+        facts = {"data": data, "evaluation": evaluation, "quantized": quantized, "served": served}
+        facts |= {"interval": kind.interval(stage, data, served), "gates": gates}
+        model_uri, serving_dir = log_serving_model(stage, kind, facts)
         number = new_version(stage, model_uri, served, quantized, data)
         try:
             check_and_decide(
@@ -211,5 +224,6 @@ def register(
         gates=gate_record(version) or [*gates, *([champion] if champion else [])],
         comparison=comparison,
     )
-    write_report(stage.run, result, served, evaluation, quantized, kind.summary(served))
+    summary = kind.summary(served)
+    write_report(stage.run, result, served, evaluation, quantized, summary, config.registry.metric)
     return result
