@@ -24,6 +24,9 @@ from tasks.common.tracking import Tracking
 
 def _start(cli, config_path: Path, tmp: Path, *extra: str):
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
+    # 20 s by default; on 2 busy cores the second start (after the first, while that one
+    # trains) can need more
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
     return cli.start(["run", "--config", str(config_path), *extra], env=env)
 
 

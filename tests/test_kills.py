@@ -5,6 +5,10 @@ of a killed run left behind (its servers, its served model, its watchdogs).
 
 The kills come from the fault points of tasks/common/faults.py: LORA_RETRAIN_KILL_AT names the
 point where the CLI process kills itself with SIGKILL, exactly as `kill -9` would.
+
+The CLI runs are processes forked from one that imported the CLI once (testkit/cli.py); the
+first kill runs `python -m flows.cli` itself. They share one Prefect server, but for the kills of
+TEMPORARY_SERVER: those runs start Prefect's temporary server, which must die with them.
 """
 
 from __future__ import annotations
@@ -41,28 +45,40 @@ CHAIN = [  # each re-run resumes the same MLflow run and gets one step further
     "register:after-challenger",
     "registry:after-alias",
 ]
+TEMPORARY_SERVER = {"before:train_lora", "register:serving", "registry:after-history"}
 
 
 class Pipeline:
     """The CLI on one config and store; every process it starts carries a marker."""
 
-    def __init__(self, tmp: Path, config_path: Path, client):
+    def __init__(self, tmp: Path, config_path: Path, client, launcher, api_url: str):
         self.tmp, self.config_path, self.client = tmp, config_path, client
+        self.launcher, self.api_url = launcher, api_url
         self.mark = uuid.uuid4().hex
 
     def env(self, kill_at: str | None) -> dict:
         env = {**os.environ, "LORA_TEST_MARK": self.mark, "PREFECT_HOME": str(self.tmp / "ph")}
         env.pop(KILL_AT_ENV, None)
+        env.pop("PREFECT_API_URL", None)
+        if kill_at not in TEMPORARY_SERVER:
+            env["PREFECT_API_URL"] = self.api_url
         return env | ({KILL_AT_ENV: kill_at} if kill_at else {})
 
-    def cli(self, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "flows.cli", *args, "--config", str(self.config_path)]
+    def cli(self, *args: str, kill_at: str | None = None, fork: bool = True):
+        argv = [*args, "--config", str(self.config_path)]
+        if fork:
+            return self.launcher.run(argv, env=self.env(kill_at), timeout=900)
         return subprocess.run(
-            command, cwd=ROOT, env=self.env(kill_at), capture_output=True, text=True, timeout=900
+            [sys.executable, "-m", "flows.cli", *argv],
+            cwd=ROOT,
+            env=self.env(kill_at),
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
 
-    def killed(self, *args: str, at: str) -> None:
-        result = self.cli(*args, kill_at=at)
+    def killed(self, *args: str, at: str, fork: bool = True) -> None:
+        result = self.cli(*args, kill_at=at, fork=fork)
         assert result.returncode == -9, f"not killed at {at}: {result.stderr[-2000:]}"
         assert wait_until(lambda: marked_processes(self.mark) == [], 60), (
             f"processes left after the kill at {at}: {marked_processes(self.mark)}"
@@ -85,7 +101,7 @@ class Pipeline:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, make_tiny_config):
+def pipeline(tmp_path_factory, make_tiny_config, cli, prefect_api):
     from tasks.common.tracking import Tracking
 
     tmp = tmp_path_factory.mktemp("kills")
@@ -102,7 +118,7 @@ def pipeline(tmp_path_factory, make_tiny_config):
     )
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return Pipeline(tmp, path, Tracking.connect(config.tracking).client)
+    return Pipeline(tmp, path, Tracking.connect(config.tracking).client, cli, prefect_api)
 
 
 def _registry_after(point: str, p: Pipeline) -> None:
@@ -129,7 +145,7 @@ def _registry_after(point: str, p: Pipeline) -> None:
 def test_a_pipeline_killed_anywhere_resumes_and_registers_once(pipeline):
     p = pipeline
     for point in CHAIN:
-        p.killed("run", at=point)
+        p.killed("run", at=point, fork=point != CHAIN[0])  # the first: `python -m flows.cli`
         _registry_after(point, p)
         if point == "register:after-version":
             [number] = p.versions()
@@ -147,7 +163,7 @@ def test_a_pipeline_killed_anywhere_resumes_and_registers_once(pipeline):
     run = p.client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert len(p.client.search_runs([run.info.experiment_id])) == 1  # one run throughout
-    steps = [m.step for m in p.client.get_metric_history(run.info.run_id, "train.loss")]
+    steps = [m.step for m in p.client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(set(steps)) == steps  # each logged step once
     assert marked_processes(p.mark) == []
 
