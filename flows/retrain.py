@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed
 
 from flows import console
-from flows.flow_run import label_flow_run, tag_flow_run
+from flows.flow_run import cancel_training_runs, label_flow_run, tag_flow_run
 from flows.train import train_on_deployment
 from tasks import stages
 from tasks.common.config import PipelineConfig, load_config
@@ -175,7 +175,7 @@ def skipped(claim: Claim) -> dict:
     }
 
 
-@flow(name="lora-retrain", log_prints=True)
+@flow(name="lora-retrain", log_prints=True, on_cancellation=[cancel_training_runs])
 def retrain_flow(
     config_path: str = "configs/default.yaml",
     overrides: list[str] | None = None,

@@ -9,15 +9,17 @@ so this flow runs on any machine that reaches the tracking server and its artifa
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mlflow.artifacts import load_dict
 from mlflow.exceptions import MlflowException
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_client, get_run_logger, tags
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling
 
 from tasks.common.config import PipelineConfig, config_from_dict
 from tasks.common.credentials import load_credentials, redact, scrubbed
@@ -124,38 +126,82 @@ def train_flow(
     return record
 
 
+def start_node_runs(config: PipelineConfig, data: PreparedData, run_id: str) -> list:
+    """One `lora-train` flow run per node (train.distributed.nnodes), the same parameters for
+    each: their launchers meet in the rendezvous named after the run. One node: wait for it."""
+    nnodes = config.train.distributed.nnodes
+    try:
+        return [
+            run_deployment(
+                name=config.train.deployment,
+                parameters={
+                    "run_id": run_id,
+                    "config": scrubbed(config.model_dump(mode="json")),  # no URL credentials
+                    "data": data_parameters(data),
+                },
+                timeout=None if nnodes == 1 else 0,  # None: however long the queue takes
+                poll_interval=2,
+                idempotency_key=f"lora-train-{run_id}" + (f"-node{k}" if nnodes > 1 else ""),
+                tags=["lora-retrain", f"mlflow-run:{run_id}"]
+                + ([f"node:{k}/{nnodes}"] if nnodes > 1 else []),
+            )
+            for k in range(nnodes)
+        ]
+    except ObjectNotFound as exc:
+        raise ConfigError(
+            f"train.deployment {config.train.deployment!r} not found on the Prefect server: "
+            f"create it with `prefect deploy --all`, or unset train.deployment to train "
+            f"in-process"
+        ) from exc
+
+
+def wait_for_nodes(runs: list, name: str) -> list:
+    """Wait until every node's flow run is final; when one fails, cancel the others (they
+    would wait for the failed node until their join timeout) and raise. Leaving this wait
+    in any other way (the retrain run is cancelled) cancels them too: no rank is left."""
+    with get_client(sync_client=True) as client:
+        try:
+            while True:
+                runs = [client.read_flow_run(run.id) for run in runs]
+                failed = [r for r in runs if r.state.is_final() and not r.state.is_completed()]
+                if failed or all(r.state.is_completed() for r in runs):
+                    break
+                time.sleep(2)
+        finally:
+            for run in runs:
+                if not client.read_flow_run(run.id).state.is_final():
+                    client.set_flow_run_state(
+                        run.id, Cancelling(message="a node ended"), force=True
+                    )
+    if failed:
+        started = sum(r.start_time is not None for r in runs)
+        raise node_failure(failed[0], name, f"; {started} of {len(runs)} node flow runs started")
+    return runs
+
+
+def node_failure(child, name: str, more: str = "") -> TrainingError:
+    state = child.state
+    state_name = state.name if state is not None else "an unknown state"
+    message = (state.message or "").strip() if state is not None else ""
+    return TrainingError(
+        f"training flow run {child.name!r} ({child.id}) on deployment {name!r} ended in "
+        f"{state_name}" + (f": {message}" if message else "") + more + "; see its logs in the "
+        "Prefect UI"
+    )
+
+
 def train_on_deployment(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
-    """Run `lora-train` on the deployment `train.deployment`, wait, fetch the adapter."""
+    """Run `lora-train` on the deployment `train.deployment` (once per node), wait, fetch the
+    adapter."""
     name = config.train.deployment
     logger = get_run_logger()
     logger.info("handing training of run %s to deployment %s", run_id, name)
-    try:
-        child = run_deployment(
-            name=name,
-            parameters={
-                "run_id": run_id,
-                "config": scrubbed(config.model_dump(mode="json")),  # no URL credentials
-                "data": data_parameters(data),
-            },
-            timeout=None,  # wait however long the gpu pool's queue takes
-            poll_interval=2,
-            idempotency_key=f"lora-train-{run_id}",  # one training run per pipeline run
-            tags=["lora-retrain"],
-        )
-    except ObjectNotFound as exc:
-        raise ConfigError(
-            f"train.deployment {name!r} not found on the Prefect server: create it with "
-            f"`prefect deploy --all`, or unset train.deployment to train in-process"
-        ) from exc
-    state = child.state
-    if state is None or not state.is_completed():
-        state_name = state.name if state is not None else "an unknown state"
-        message = (state.message or "").strip() if state is not None else ""
-        raise TrainingError(
-            f"training flow run {child.name!r} ({child.id}) on deployment {name!r} ended in "
-            f"{state_name}" + (f": {message}" if message else "") + "; see its logs in the "
-            "Prefect UI"
-        )
+    runs = start_node_runs(config, data, run_id)
+    if len(runs) > 1:
+        runs = wait_for_nodes(runs, name)
+    child = runs[0]
+    if child.state is None or not child.state.is_completed():
+        raise node_failure(child, name)
     run = Tracking.connect(config.tracking).run(run_id)
     try:
         with run.tracking.fluent():

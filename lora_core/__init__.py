@@ -10,7 +10,7 @@ Depends only on torch and safetensors (transformers' GPT-2 Conv1D is recognised 
 """
 
 from .config import LoraConfig, LoraError
-from .io import load_adapter, lora_state_dict, read_adapter_config, save_adapter
+from .io import adapter_tensors, load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .model import (
     InjectionReport,
     count_parameters,
@@ -31,6 +31,7 @@ __all__ = [
     "merge_lora",
     "read_adapter_config",
     "save_adapter",
+    "adapter_tensors",
     "unload_lora",
     "unmerge_lora",
 ]

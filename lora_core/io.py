@@ -198,19 +198,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
 # save / load
 
 
-def save_adapter(
-    model: nn.Module,
-    out_dir: str | Path,
-    *,
-    base_model_name_or_path: str,
-    task_type: str | None = None,
-) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (peft.PeftModel can load them).
-
-    As PEFT does, task types with a task head (SEQ_CLS/TOKEN_CLS: classifier or score,
-    QUESTION_ANS: qa_outputs) store that head with the adapter (added to modules_to_save): a
-    freshly loaded base model would otherwise get a new random head.
-    """
+def _adapter_config(model: nn.Module, task_type: str | None) -> LoraConfig:
     config = get_lora_config(model)
     if task_type is not None and task_type not in TASK_HEADS:
         raise LoraError(f"task_type must be one of {sorted(TASK_HEADS)} or None, got {task_type!r}")
@@ -219,11 +207,40 @@ def save_adapter(
     saved += [
         h for h in TASK_HEADS.get(task_type, ()) if h not in saved and name_matches_any(names, h)
     ]
-    config = replace(config, modules_to_save=saved or None)
+    return replace(config, modules_to_save=saved or None)
+
+
+def adapter_tensors(model: nn.Module, task_type: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors save_adapter writes (PEFT key names), full and on the CPU.
+
+    A sharded parameter (a DTensor of FSDP2) is gathered: with a sharded model every rank must
+    call this, and one of them passes the result to save_adapter(tensors=...).
+    """
+    tensors = _adapter_state_dict(model, _adapter_config(model, task_type))
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in tensors.items()}
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in full.items()}
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str,
+    task_type: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (peft.PeftModel can load them).
+
+    As PEFT does, task types with a task head (SEQ_CLS/TOKEN_CLS: classifier or score,
+    QUESTION_ANS: qa_outputs) store that head with the adapter (added to modules_to_save): a
+    freshly loaded base model would otherwise get a new random head. `tensors`: what
+    adapter_tensors(model, task_type) returned (a sharded model's, gathered on every rank).
+    """
+    config = _adapter_config(model, task_type)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = _adapter_state_dict(model, config)
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
+    if tensors is None:
+        tensors = adapter_tensors(model, task_type)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     cfg = _peft_config_dict(model, config, base_model_name_or_path, task_type)
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

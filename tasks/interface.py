@@ -16,6 +16,7 @@ from mlflow.models import ModelSignature
 from tasks.common.champion import Comparison
 from tasks.common.config import PipelineConfig
 from tasks.common.stage import StageContext
+from tasks.common.training import TrainingSetup
 from tasks.records import (
     Evaluation,
     GoldenSet,
@@ -39,8 +40,9 @@ class TaskKind(Protocol):
     def prepare_data(self, stage: StageContext) -> PreparedData:
         """Read, validate, clean, split and tokenize config.data; save and log the splits."""
 
-    def train(self, stage: StageContext, data: PreparedData) -> TrainedAdapter:
-        """Train LoRA (and any new head) on the training split; save and log the adapter."""
+    def training_setup(self, config: PipelineConfig, data_dir: Path) -> TrainingSetup:
+        """The LoRA model (and any new head), tokenizer, collator and metrics to train, from
+        the folder prepare_data logged. Every rank of a distributed run builds its own."""
 
     def evaluate(
         self, stage: StageContext, data: PreparedData, trained: TrainedAdapter

@@ -32,6 +32,7 @@ from tasks.records import (
     TrainedAdapter,
 )
 from tasks.register.transaction import register as register_version
+from tasks.train_adapter import train_adapter
 
 
 def prepare_data(config: PipelineConfig, run_id: str) -> PreparedData:
@@ -43,7 +44,7 @@ def prepare_data(config: PipelineConfig, run_id: str) -> PreparedData:
 def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
     """Train the LoRA adapter on the training split (stage 2)."""
     with open_stage(config, run_id, "train_lora") as stage:
-        trained = kind_of(config).train(stage, data)
+        trained = train_adapter(stage, data)
     tidy(config, checkpoint_dir(config, run_id))  # the adapter is logged: resume needs none
     return trained
 

@@ -1,7 +1,8 @@
-"""prefect.yaml and docker-compose.yml are valid and point at real code."""
+"""prefect.yaml, docker-compose.yml and deploy/kubernetes are valid and point at real code."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,8 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.flows import load_flow_from_entrypoint
+from prefect.utilities.templating import apply_values, find_placeholders
+
+from tasks.common.config import DistributedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +61,12 @@ def test_retrain_deployments_send_training_to_the_gpu_deployment(monkeypatch):
         assert config.train.deployment == "lora-train/gpu", name
 
 
-def test_gpu_deployment_runs_one_training_at_a_time_and_queues_the_rest():
-    limit = _deployments()["gpu"]["concurrency_limit"]
-    assert limit == {"limit": 1, "collision_strategy": "ENQUEUE"}
+def test_each_gpu_worker_runs_one_training_at_a_time_and_the_nodes_of_one_run_together():
+    # a deployment limit of 1 would queue node 1 of a two-node training behind node 0, which
+    # waits for it in the rendezvous: the limit is per worker (one per GPU node) instead
+    assert "concurrency_limit" not in _deployments()["gpu"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "--limit 1" in compose["services"]["worker-gpu"]["command"]
 
 
 def test_nightly_and_weekly_have_valid_cron_schedules_and_the_others_none():
@@ -178,3 +186,48 @@ def test_docker_compose_servers_require_authentication():
         env = services[worker]["environment"]
         assert env["PREFECT_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING}"
         assert env["MLFLOW_TRACKING_PASSWORD"] == "${MLFLOW_ADMIN_PASSWORD}"
+
+
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+def _k8s_template() -> dict:
+    return json.loads((K8S / "gpu-work-pool.json").read_text())
+
+
+def test_the_kubernetes_gpu_template_declares_every_value_it_uses():
+    template = _k8s_template()
+    WorkPoolCreate(name="gpu-k8s", type="kubernetes", base_job_template=template)  # Prefect's check
+    used = {p.name for p in find_placeholders(template["job_configuration"])}
+    declared = set(template["variables"]["properties"])
+    assert used == declared, (used - declared, declared - used)
+
+
+def test_the_kubernetes_gpu_pod_asks_for_gpus_shm_the_gpu_nodes_and_the_rendezvous_port():
+    template = _k8s_template()
+    defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
+    rendered = apply_values(template["job_configuration"], {**defaults, "gpus": 4})
+    pod = rendered["job_manifest"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    port = int(DistributedConfig().rdzv_endpoint.rsplit(":", 1)[1])
+    assert container["ports"] == [{"name": "rendezvous", "containerPort": port}]
+    assert pod["restartPolicy"] == "Never"  # restarts are torchrun's (max_restarts)
+
+
+def test_the_kubernetes_rendezvous_store_serves_the_templates_port():
+    deployment, service = yaml.safe_load_all((K8S / "rendezvous.yaml").read_text())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    module = container["command"][container["command"].index("-m") + 1]
+    assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+    port = _k8s_template()["variables"]["properties"]["rendezvous_port"]["default"]
+    assert service["spec"]["ports"][0]["port"] == port
+    assert container["command"][-1] == str(port)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import socket
 import time
 
 import pandas as pd
@@ -18,14 +17,9 @@ import torch
 
 from tasks.common.config import DataConfig, load_config
 from tasks.common.errors import ConfigError, DataError, ModelError, PipelineError
+from testkit.servers import free_port
 
 DEFAULT = "configs/default.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---- base models ---------------------------------------------------------------------------
@@ -158,7 +152,7 @@ def test_a_tracking_server_that_is_not_up_fails_fast(scheme, monkeypatch):
     from tasks.common.tracking import Tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    uri = f"{scheme}://127.0.0.1:{_free_port()}/db"
+    uri = f"{scheme}://127.0.0.1:{free_port()}/db"
     config = load_config(DEFAULT, [f"tracking.uri={uri}"])
     start = time.perf_counter()
     with pytest.raises(PipelineError) as err:

@@ -1,10 +1,10 @@
 """The structure of the house, read from the source (ast): imports run one way, no cycles.
 
 Layers, bottom up: lora_core (torch + safetensors only) -> tasks/common -> tasks/records ->
-tasks/interface -> a task kind (tasks/classification, tasks/causal) -> tasks/register and the
-kind registry (tasks/kinds) -> tasks/stages -> flows. A module imports only from its own layer
-or below, never from the other task kind, and only at module level (the CLI's lazy imports,
-which keep `--help` and `check-config` fast, are the one exception).
+tasks/interface -> a task kind (tasks/classification, tasks/causal) -> tasks/register, the
+kind registry (tasks/kinds) and tasks/train_adapter -> tasks/stages -> flows. A module imports
+only from its own layer or below, never from the other task kind, and only at module level
+(the CLI's lazy imports, which keep `--help` and `check-config` fast, are the one exception).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix decides
     ("tasks.causal", 4),
     ("tasks.register", 5),
     ("tasks.kinds", 5),
+    ("tasks.train_adapter", 5),  # the train stage's work, in-process or on each rank
     ("tasks.stages", 6),
     ("flows", 7),
 ]

@@ -48,6 +48,13 @@ MLFLOW = [sys.executable, "-m", "mlflow"]
 DB_USER = "lora"
 DB_PASSWORD = "test-only-password"  # a throwaway cluster on loopback, deleted afterwards
 MODEL_NAME = "tiny-classifier"
+WORKERS = ("cpu", "gpu0", "gpu1")  # two gpu nodes, one training run at a time each
+TWO_NODES = [  # training on both gpu nodes, one rank each, meeting on 127.0.0.1
+    "train.distributed.strategy=ddp",
+    "train.distributed.nnodes=2",
+    "train.distributed.nproc_per_node=1",
+    "train.distributed.join_timeout_s=300",
+]
 
 
 def _pg_binary(name: str) -> str | None:
@@ -274,22 +281,22 @@ def stack(tmp_path_factory, make_tiny_config):
             prefect("work-pool", "create", pool, "--type", "process")
         prefect("--no-prompt", "deploy", "--all", timeout=300)
 
-        outputs = {pool: work / f"{pool}-worker-outputs" for pool in ("cpu", "gpu")}
-        for pool in ("cpu", "gpu"):
+        outputs = {name: work / f"{name}-worker-outputs" for name in WORKERS}
+        for name in WORKERS:
+            pool = name.rstrip("01")
             worker_env = _clean_env(
                 **prefect_env,
                 PREFECT_API_URL=api_url,
                 PREFECT_WORKER_QUERY_SECONDS="2",
                 MLFLOW_TRACKING_URI=mlflow_uri,
                 LORA_RETRAIN_HOME=str(ROOT),
-                LORA_TRAIN_OUTPUT_DIR=str(outputs["gpu"]),
             )
-            if pool == "cpu":
-                del worker_env["LORA_TRAIN_OUTPUT_DIR"]
+            if pool == "gpu":  # each gpu node trains in its own folder
+                worker_env["LORA_TRAIN_OUTPUT_DIR"] = str(outputs[name])
             procs.start(
-                f"worker-{pool}",
-                [*PREFECT, "worker", "start", "--pool", pool,
-                 "--type", "process", "--name", f"{pool}-worker"],
+                f"worker-{name}",
+                [*PREFECT, "worker", "start", "--pool", pool, "--type", "process",
+                 "--name", f"{name}-worker", *(["--limit", "1"] if pool == "gpu" else [])],
                 env=worker_env,
                 cwd=work,  # not the checkout: the pull step must move flow runs there
             )  # fmt: skip
@@ -308,6 +315,8 @@ def stack(tmp_path_factory, make_tiny_config):
                 "tracking.experiment=production-topology",
                 f"output_dir={outputs['cpu']}",
                 "output.keep=true",  # the test looks into each worker's working folder
+                *TWO_NODES,
+                f"train.distributed.rdzv_endpoint=127.0.0.1:{free_port()}",
             ],
         )
         assert config.train.deployment is None  # the deployment's own overrides set it
@@ -322,6 +331,14 @@ def stack(tmp_path_factory, make_tiny_config):
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
         yield {
             "api": api_url,
+            "work": work,
+            "run_adhoc": lambda path: prefect(
+                "deployment",
+                "run",
+                "lora-retrain/adhoc",
+                "--params",
+                json.dumps({"config_path": str(path)}),
+            ),  # fmt: skip
             "mlflow_uri": mlflow_uri,
             "outputs": outputs,
             "artifact_store": work / "artifact-store",
@@ -371,14 +388,25 @@ def test_both_flow_runs_completed_on_their_own_pools(stack, mlflow_run):
     assert retrain["state"]["type"] == "COMPLETED", stack["procs"].logs()
     assert retrain["work_pool_name"] == "cpu"
     assert retrain["deployment_id"] == _deployment(stack, "lora-retrain/adhoc")["id"]
-    train = _flow_run(stack, run.data.tags["train.prefect_flow_run_id"])
-    assert train["state"]["type"] == "COMPLETED"
-    assert train["work_pool_name"] == "gpu"
-    assert train["deployment_id"] == _deployment(stack, "lora-train/gpu")["id"]
-    assert train["parameters"]["run_id"] == run.info.run_id
-    # run_deployment linked it to the retrain run as a subflow
-    parent_task = _get_json(f"{stack['api']}/task_runs/{train['parent_task_run_id']}")
-    assert parent_task["flow_run_id"] == stack["flow_run_id"]
+    nodes = _get_json(
+        f"{stack['api']}/flow_runs/filter",
+        {"flow_runs": {"tags": {"all_": [f"mlflow-run:{run.info.run_id}", "lora-retrain"]}}},
+    )
+    nodes = [n for n in nodes if n["id"] != stack["flow_run_id"]]
+    assert sorted(t for n in nodes for t in n["tags"] if t.startswith("node:")) == [
+        "node:0/2",
+        "node:1/2",
+    ]  # one lora-train flow run per node, each on its own gpu worker
+    assert run.data.tags["train.prefect_flow_run_id"] in {n["id"] for n in nodes}
+    for train in nodes:
+        assert train["state"]["type"] == "COMPLETED"
+        assert train["work_pool_name"] == "gpu"
+        assert train["deployment_id"] == _deployment(stack, "lora-train/gpu")["id"]
+        assert train["parameters"]["run_id"] == run.info.run_id
+        # run_deployment linked it to the retrain run as a subflow
+        parent_task = _get_json(f"{stack['api']}/task_runs/{train['parent_task_run_id']}")
+        assert parent_task["flow_run_id"] == stack["flow_run_id"]
+    assert run.data.metrics["train/world_size"] == 2
     assert "Completed" in stack["watch_output"]
 
 
@@ -417,16 +445,19 @@ def test_the_mlflow_run_holds_artifacts_and_metrics_from_both_workers(stack, mlf
     assert metrics["time/prepare_data"] > 0 and metrics["time/merge"] > 0
     assert 0 <= metrics["test/accuracy"] <= 1  # cpu worker
     assert run.data.params["train.deployment"] == "lora-train/gpu"
-    # Each worker worked in its own folder: the gpu one downloaded the data, the cpu one the
-    # adapter; training ran only on the gpu worker, every other stage on the cpu one.
-    cpu, gpu = stack["outputs"]["cpu"] / run_id, stack["outputs"]["gpu"] / run_id
-    assert (gpu / "data" / "tokenized").is_dir() and (gpu / "adapter").is_dir()
-    assert (cpu / "adapter" / "adapter_model.safetensors").read_bytes() == (
-        gpu / "adapter" / "adapter_model.safetensors"
-    ).read_bytes()
-    logs = {pool: (stack["logs"] / f"worker-{pool}.log").read_text() for pool in ("cpu", "gpu")}
-    assert "Task run 'train-lora" in logs["gpu"] and "Task run 'train-lora" not in logs["cpu"]
-    assert "Task run 'evaluate" in logs["cpu"] and "Task run 'evaluate" not in logs["gpu"]
+    # Each worker worked in its own folder: each gpu node downloaded the data and holds the
+    # adapter (rank 0's node wrote it, the other fetched it), the cpu one downloaded it;
+    # training ran only on the gpu workers, every other stage on the cpu one.
+    cpu = stack["outputs"]["cpu"] / run_id
+    adapter = (cpu / "adapter" / "adapter_model.safetensors").read_bytes()
+    for node in ("gpu0", "gpu1"):
+        gpu = stack["outputs"][node] / run_id
+        assert (gpu / "data" / "tokenized").is_dir()
+        assert (gpu / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    logs = {name: (stack["logs"] / f"worker-{name}.log").read_text() for name in WORKERS}
+    for node in ("gpu0", "gpu1"):
+        assert "Task run 'train-lora" in logs[node] and "Task run 'evaluate" not in logs[node]
+    assert "Task run 'train-lora" not in logs["cpu"] and "Task run 'evaluate" in logs["cpu"]
 
 
 def test_the_registry_alias_moved_to_the_new_version(stack, mlflow_run):
@@ -453,6 +484,63 @@ def test_the_deployments_exist_with_the_nightly_schedule_and_the_gpu_limit(stack
     assert {r["expected_start_time"][11:16] for r in upcoming} == {"02:00"}
     gpu = _deployment(stack, "lora-train/gpu")
     assert gpu["work_pool_name"] == "gpu"
-    assert gpu["global_concurrency_limit"]["limit"] == 1
-    assert gpu["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    # no limit on the deployment (the nodes of one training run together); each gpu worker
+    # runs one at a time (--limit 1), so a busy node's runs wait in the queue
+    assert gpu["global_concurrency_limit"] is None
     assert _deployment(stack, "lora-promote/manual")["work_pool_name"] == "cpu"
+
+
+def _rank_processes() -> list[int]:
+    return [pid for pid in marked_processes(MARK) if b"tasks.train_adapter" in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny_config):
+    """Cancel the retrain flow run through the API while both nodes' ranks train: the
+    lora-train runs are cancelled with it and no rank process is left."""
+    del mlflow_run  # after the first run: its ranks are gone
+    work = stack["work"] / "cancel"
+    work.mkdir()
+    config = make_tiny_config(
+        work,
+        [
+            "tracking.uri=null",
+            "tracking.artifact_location=null",
+            "tracking.experiment=production-topology",
+            f"output_dir={stack['outputs']['cpu']}",
+            "train.max_steps=100000",  # trains until cancelled
+            "train.epochs=1000",
+            *TWO_NODES,
+            f"train.distributed.rdzv_endpoint=127.0.0.1:{free_port()}",
+        ],
+    )
+    path = work / "long.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    started = stack["run_adhoc"](path)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    assert wait_until(lambda: len(_rank_processes()) == 2, 300), stack["procs"].logs()
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"{stack['api']}/flow_runs/{flow_run_id}/set_state",
+            data=json.dumps({"state": {"type": "CANCELLING"}, "force": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+    ).read()
+    gone = wait_until(lambda: _rank_processes() == [], 180)
+    assert gone, f"ranks left after the cancel: {_rank_processes()}\n{stack['procs'].logs()}"
+    [tag] = [t for t in _flow_run(stack, flow_run_id)["tags"] if t.startswith("mlflow-run:")]
+
+    def node_states() -> set[str]:
+        runs = _get_json(
+            f"{stack['api']}/flow_runs/filter", {"flow_runs": {"tags": {"all_": [tag]}}}
+        )
+        return {r["state"]["type"] for r in runs if r["id"] != flow_run_id}
+
+    assert wait_until(lambda: node_states() == {"CANCELLED"}, 120), node_states()
+    assert wait_until(lambda: _flow_run(stack, flow_run_id)["state"]["type"] == "CANCELLED", 120)

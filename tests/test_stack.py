@@ -15,13 +15,9 @@ from pathlib import Path
 import pytest
 from test_processes import marked_processes, wait_until
 
+from testkit.servers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status_of(url: str) -> int:

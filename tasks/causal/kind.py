@@ -18,7 +18,7 @@ from tasks.causal.serving import (
     signature,
     summary,
 )
-from tasks.causal.train import train
+from tasks.causal.train import training_setup
 
 NAME = "causal_lm"
 DESCRIPTION = (
@@ -42,5 +42,5 @@ __all__ = [
     "serving_spec",
     "signature",
     "summary",
-    "train",
+    "training_setup",
 ]

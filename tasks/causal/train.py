@@ -2,20 +2,21 @@
 
 Labels come from prepare_data (-100 outside assistant turns). Packed rows (fixed length,
 position ids, no attention mask) are stacked as they are; other examples are padded per batch,
-labels with -100.
+labels with -100. The loss is the decoder's own, normalized by the response tokens of the
+whole global batch (the Trainer's num_items_in_batch), so every world size trains alike.
 """
 
 from __future__ import annotations
 
-from datasets import load_from_disk
-from transformers import DataCollatorForSeq2Seq, default_data_collator
+from pathlib import Path
 
-from tasks.causal.data import load_data_tokenizer
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
+
+from tasks.causal.data import TOKENIZER_DIR
 from tasks.causal.formatting import IGNORE_INDEX
 from tasks.causal.modeling import build_causal_lora_model
-from tasks.common.stage import StageContext
-from tasks.common.training import TrainingSetup, fit
-from tasks.records import PreparedData, TrainedAdapter
+from tasks.common.config import PipelineConfig
+from tasks.common.training import TrainingSetup
 
 
 def causal_collator(tokenizer):
@@ -30,24 +31,15 @@ def causal_collator(tokenizer):
     return collate
 
 
-def train(stage: StageContext, data: PreparedData) -> TrainedAdapter:
-    """Fine-tune LoRA on the training conversations; save and log the adapter."""
-    config = stage.config
-    dataset = load_from_disk(str(stage.fetch(data.dataset) / "tokenized"))
-
-    def build() -> TrainingSetup:
-        tokenizer = load_data_tokenizer(stage, data)  # with the chat template of the data
-        model, report = build_causal_lora_model(config.model, config.lora)
-        return TrainingSetup(
-            model=model,
-            report=report,
-            tokenizer=tokenizer,
-            collator=causal_collator(tokenizer),
-            compute_metrics=None,
-            task_type="CAUSAL_LM",
-        )
-
-    adapter_dir = stage.stage_dir("adapter")
-    result = fit(stage, build, dataset, adapter_dir)
-    ref = stage.run.log_folder(adapter_dir, "adapter")
-    return TrainedAdapter(adapter=ref, **result.__dict__)
+def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
+    """LoRA on the decoder, with the tokenizer (and chat template) prepare_data saved."""
+    tokenizer = AutoTokenizer.from_pretrained(str(data_dir / TOKENIZER_DIR))
+    model, report = build_causal_lora_model(config.model, config.lora)
+    return TrainingSetup(
+        model=model,
+        report=report,
+        tokenizer=tokenizer,
+        collator=causal_collator(tokenizer),
+        compute_metrics=None,
+        task_type="CAUSAL_LM",
+    )

@@ -18,7 +18,7 @@ from tasks.classification.serving import (
     signature,
     summary,
 )
-from tasks.classification.train import train
+from tasks.classification.train import training_setup
 
 NAME = "sequence_classification"
 DESCRIPTION = (
@@ -42,5 +42,5 @@ __all__ = [
     "serving_spec",
     "signature",
     "summary",
-    "train",
+    "training_setup",
 ]

@@ -144,6 +144,42 @@ class LoraSection(_Section):
         return self
 
 
+class DistributedConfig(_Section):
+    """Training on several processes (GPUs) and nodes, launched with torchrun.
+
+    Every node runs one launcher (a train stage, or a `lora-train` flow run on the gpu pool);
+    the launchers meet through torch's c10d rendezvous at `rdzv_endpoint` under `rdzv_id`
+    (default: the MLflow run id, so the nodes of one run find each other and no other).
+    """
+
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        "none",
+        description="none: one process. ddp: one replica per process, gradients averaged. "
+        "fsdp: the frozen base sharded across processes (CUDA only).",
+    )
+    nproc_per_node: Literal["auto"] | Annotated[int, Field(gt=0, le=1024)] = Field(
+        "auto", description="Processes per node; auto: one per visible GPU (1 on CPU)."
+    )
+    nnodes: int = Field(1, gt=0, le=4096, description="Nodes that train together.")
+    rdzv_endpoint: str = Field(
+        "127.0.0.1:29400",
+        pattern=r"^[\w.\-\[\]:]+:\d{1,5}$",
+        description="host:port of the c10d rendezvous (one node's address, reachable by all).",
+    )
+    rdzv_id: str | None = Field(
+        None, pattern=r"^[\w.\-]{1,128}$", description="Rendezvous id; None: the MLflow run id."
+    )
+    join_timeout_s: int = Field(
+        600, gt=0, le=86_400, description="Seconds to wait for every node to join."
+    )
+    max_restarts: int = Field(
+        0, ge=0, le=100, description="Restarts of the whole group after a rank fails."
+    )
+    grace_s: float = Field(
+        10.0, gt=0, le=600, description="SIGTERM to SIGKILL, when the group is stopped."
+    )
+
+
 class TrainConfig(_Section):
     """Trainer settings. Device and precision are picked automatically unless set."""
 
@@ -162,7 +198,15 @@ class TrainConfig(_Section):
             )
         return value
 
-    batch_size: int = Field(16, gt=0, le=65536, description="Examples per training step.")
+    batch_size: int = Field(
+        16,
+        gt=0,
+        le=65536,
+        description="Examples per optimizer step, over all processes (the global batch).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, le=4096, description="Micro-batches per optimizer step on each process."
+    )
     learning_rate: float = Field(
         5e-4, gt=0, le=1, description="Peak learning rate (LoRA likes 1e-4..1e-3)."
     )
@@ -190,6 +234,30 @@ class TrainConfig(_Section):
         None,
         description="Durable folder for checkpoints (shared with GPU workers); default: "
         "<output_dir>/checkpoints. A re-run of the same MLflow run resumes from the last one.",
+    )
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        nproc = self.distributed.nproc_per_node
+        if nproc != "auto":
+            check_global_batch(self, self.distributed.nnodes * nproc)
+        return self
+
+
+def check_global_batch(train: TrainConfig, world_size: int) -> int:
+    """The per-process batch: train.batch_size / (world size x gradient accumulation)."""
+    parts = world_size * train.gradient_accumulation_steps
+    if train.batch_size % parts == 0:
+        return train.batch_size // parts
+    near = sorted(
+        {max(parts, train.batch_size // parts * parts), -(-train.batch_size // parts) * parts}
+    )
+    raise ConfigError(
+        f"train.batch_size {train.batch_size} is the global batch and must divide by world size "
+        f"{world_size} x train.gradient_accumulation_steps {train.gradient_accumulation_steps} "
+        f"= {parts}: use train.batch_size " + " or ".join(str(n) for n in near) + ", or change "
+        "train.distributed.nproc_per_node / nnodes / train.gradient_accumulation_steps"
     )
 
 

@@ -1,27 +1,37 @@
-"""LoRA training with transformers' Trainer, the same for every task kind.
+"""LoRA training with transformers' Trainer, the same for every task kind and world size.
 
 The kind builds the model (with LoRA injected), the tokenizer, the collator and its metrics;
 this module picks device and precision, runs the Trainer with resumable checkpoints, logs the
 curves to the pipeline's MLflow run and saves the adapter in PEFT format.
+
+Under torchrun (tasks/common/distributed.py) every rank runs `fit`; the Trainer (through
+accelerate) wraps the model in DDP or FSDP and gives each rank its share of every global
+batch, in the order one process would see it. Rank 0 alone gets a run to log to and writes
+the adapter; every rank's speed and peak memory are gathered to it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import resource
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import DatasetDict
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from lora_core import InjectionReport, save_adapter
-from tasks.common.config import PipelineConfig, TrainConfig
+from lora_core import InjectionReport, adapter_tensors, save_adapter
+from tasks.common.config import PipelineConfig, TrainConfig, check_global_batch
 from tasks.common.console import TrainingProgress
 from tasks.common.errors import TrainingError
+from tasks.common.faults import kill_point
 from tasks.common.models import resolve_model_path
 from tasks.common.preflight import training_device_available
 from tasks.common.storage import ensure_room
@@ -40,6 +50,7 @@ class TrainingSetup:
     collator: Callable
     compute_metrics: Callable | None
     task_type: str  # PEFT's task type: SEQ_CLS (head saved with the adapter) or CAUSAL_LM
+    files: dict[str, str] = field(default_factory=dict)  # written beside the adapter
 
 
 @dataclass(frozen=True)
@@ -98,9 +109,40 @@ class MlflowStepLogger(TrainerCallback):
 
 
 class GuardedTrainer(Trainer):
-    """Trainer that stops at the first NaN/inf loss instead of training on garbage."""
+    """Trainer that stops at the first NaN/inf loss instead of training on garbage, counts
+    the tokens this process trained on, and groups by length over the *global* batch (the
+    Trainer's own sampler groups per process: another data order for another world size)."""
+
+    tokens_seen = 0
+    first_step_at: float | None = None  # time.time() when this process began its first step
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.args.group_by_length:
+            return super()._get_train_sampler(dataset)
+        args = self.args
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        size = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
+        return LengthGroupedSampler(size, lengths=lengths)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """As the Trainer does, but CPU ranks load to "cpu": the Trainer maps to args.device
+        when world_size > 1, which on CPU is "cpu:0", a location torch.load cannot restore."""
+        if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        folder = Path(checkpoint)
+        self.optimizer.load_state_dict(
+            torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":  # first attempt only
+            kill_point(f"rank{os.environ.get('RANK', 0)}:step{self.state.global_step + 1}")
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        mask = inputs.get("attention_mask")
+        self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         loss = super().training_step(model, inputs, num_items_in_batch)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -140,17 +182,40 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(steps)[1]) if steps else None
 
 
+def world_size() -> int:
+    """Processes training together (torchrun's WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sharding(config: PipelineConfig, device: str) -> dict[str, Any]:
+    """The Trainer's FSDP arguments for strategy fsdp (FSDP2: the frozen base and the LoRA
+    weights sharded per transformer block, each parameter keeping its requires_grad)."""
+    if config.train.distributed.strategy != "fsdp" or world_size() == 1:
+        return {}
+    if device != "cuda":
+        raise TrainingError(
+            "train.distributed.strategy fsdp needs CUDA GPUs (accelerate's FSDP does not run on "
+            "CPU): use strategy ddp here, or train on the gpu pool (train.deployment)"
+        )
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"version": 2, "reshard_after_forward": True},
+    }
+
+
 def training_arguments(
     config: PipelineConfig, out_dir: Path, device: str, precision: str, evaluate: bool = True
 ):
-    """The Trainer's arguments; evaluate=False (no validation split): no per-epoch evaluation."""
+    """The Trainer's arguments; evaluate=False (no validation split): no per-epoch evaluation.
+    train.batch_size is the global batch: each process takes batch / (world x accumulation)."""
     train = config.train
     every = train.checkpoint_steps
     return TrainingArguments(
         output_dir=str(out_dir),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
+        per_device_train_batch_size=check_global_batch(train, world_size()),
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
         per_device_eval_batch_size=config.eval.batch_size,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
@@ -172,6 +237,10 @@ def training_arguments(
         label_names=["labels"],
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        average_tokens_across_devices=True,  # causal_lm: loss over the global batch's tokens
+        ddp_find_unused_parameters=False,  # LoRA: every trainable weight is used each step
+        ddp_backend=("nccl" if device == "cuda" else "gloo") if world_size() > 1 else None,
+        **sharding(config, device),
     )
 
 
@@ -183,17 +252,26 @@ def model_inputs(dataset: DatasetDict) -> DatasetDict:
 
 
 def fit(
-    stage, build: Callable[[], TrainingSetup], dataset: DatasetDict, adapter_dir: Path
+    config: PipelineConfig,
+    run: TrackedRun | None,
+    setup: TrainingSetup,
+    dataset: DatasetDict,
+    adapter_dir: Path,
+    stage_started: float,
 ) -> TrainingResult:
-    """Seed, build the kind's setup, train on dataset['train'] (resuming from the run's last
-    complete checkpoint), log curves and figures, save the adapter (and tokenizer)."""
-    config, run = stage.config, stage.run
-    set_seed(config.train.seed)  # before build: LoRA and head init draw from it
-    setup = build()
+    """Train setup.model on dataset['train'] (resuming from the run's last complete checkpoint),
+    log curves and figures to `run`, save the adapter (and tokenizer and setup.files).
+
+    Call set_seed(config.train.seed) before building `setup` (LoRA and head init draw from
+    it). `run` is None on the ranks other than 0: they train, and neither log nor write.
+    `stage_started` (time.time() when the stage began) dates train/time_to_first_step_s: the
+    set-up, and for several ranks their launch.
+    """
     dataset = model_inputs(dataset)
     device = pick_device(config.train)
     precision = pick_precision(config.train, device)
-    checkpoints = checkpoint_room(config, run.run_id, setup.report)
+    run_id = run.run_id if run is not None else os.environ["LORA_RUN_ID"]
+    checkpoints = checkpoint_room(config, run_id, setup.report)
     evaluate = "validation" in dataset
     trainer = GuardedTrainer(
         model=setup.model,
@@ -202,22 +280,33 @@ def fit(
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=setup.collator,
         compute_metrics=setup.compute_metrics,
-        callbacks=[MlflowStepLogger(run), TrainingProgress()],
+        callbacks=[TrainingProgress()] + ([MlflowStepLogger(run)] if run is not None else []),
     )
     trainer.remove_callback(PrinterCallback)  # its raw dicts: TrainingProgress's lines instead
     resume = last_complete_checkpoint(checkpoints)
-    if resume:
+    if resume and run is not None:
         run.set_tags({"train.resumed_from": Path(resume).name})
     result = trainer.train(resume_from_checkpoint=resume)
-    _log_training(run, config, setup.report, result, dataset["train"], device, precision)
-    setup.model.cpu()
-    save_adapter(
-        setup.model,
-        adapter_dir,
-        base_model_name_or_path=resolve_model_path(config.model.name_or_path),
-        task_type=setup.task_type,
-    )
-    setup.tokenizer.save_pretrained(str(adapter_dir))
+    ranks = rank_figures(trainer, result.metrics["train_runtime"], device)
+    sharded = any(hasattr(p, "full_tensor") for p in setup.model.parameters())
+    tensors = adapter_tensors(setup.model, setup.task_type) if sharded else None  # collective
+    if run is not None:
+        _log_training(run, config, setup.report, result, dataset["train"], device, precision)
+        if trainer.first_step_at is not None:
+            ranks["train/time_to_first_step_s"] = trainer.first_step_at - stage_started
+        run.log_metrics(ranks, step=result.global_step)
+        if not sharded:
+            setup.model.cpu()
+        save_adapter(
+            setup.model,
+            adapter_dir,
+            base_model_name_or_path=resolve_model_path(config.model.name_or_path),
+            task_type=setup.task_type,
+            tensors=tensors,
+        )
+        setup.tokenizer.save_pretrained(str(adapter_dir))
+        for name, text in setup.files.items():
+            (adapter_dir / name).write_text(text)
     return TrainingResult(
         device=device,
         precision=precision,
@@ -225,6 +314,37 @@ def fit(
         total_params=setup.report.total_params,
         global_steps=result.global_step,
     )
+
+
+def peak_memory_mb(device: str) -> float:
+    """This process's peak memory: CUDA allocations on a GPU, else its peak resident set."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """Sum of this replica's trainable weights (float64): replicas in step have equal sums."""
+    params = [p for p in model.parameters() if p.requires_grad and not hasattr(p, "full_tensor")]
+    return float(sum(p.detach().double().sum() for p in params)) if params else 0.0
+
+
+def rank_figures(trainer: GuardedTrainer, runtime_s: float, device: str) -> dict[str, float]:
+    """train/world_size, each rank's tokens/s and peak memory, and how far the replicas'
+    weights drifted apart (0 when every DDP replica holds the same weights); a collective."""
+    mine = (trainer.tokens_seen / max(runtime_s, 1e-9), peak_memory_mb(device))
+    mine += (weights_checksum(trainer.model),)
+    world = world_size()
+    figures = [mine]
+    if world > 1:
+        figures = [None] * world
+        torch.distributed.all_gather_object(figures, mine)
+    sums = [checksum for _, _, checksum in figures]
+    metrics = {"train/world_size": world, "train/replica_divergence": max(sums) - min(sums)}
+    for rank, (speed, memory, _) in enumerate(figures):
+        metrics[f"train/rank{rank}/tokens_per_second"] = speed
+        metrics[f"train/rank{rank}/peak_memory_mb"] = memory
+    return metrics
 
 
 def _log_training(run, config, report, result, train_split, device, precision) -> None:
@@ -246,6 +366,7 @@ def _log_training(run, config, report, result, train_split, device, precision) -
         {
             "train.device": device,
             "train.precision": precision,
+            "train.strategy": config.train.distributed.strategy,
             "lora.target_names": ",".join(report.target_names)[:5000],
         }
     )

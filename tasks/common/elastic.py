@@ -1,0 +1,105 @@
+"""torchrun, run in this process, with its outcome written where the train stage reads it.
+
+`python -m tasks.common.elastic OUTCOME.json -- <torchrun arguments>` is torchrun itself
+(torch.distributed.run: the elastic agent, c10d rendezvous, restarts); it adds one thing: how
+the group ended, as JSON, instead of a traceback for the stage to parse:
+
+- {"ok": true}
+- {"ok": false, "cause": "rendezvous", "joined": K, "nnodes": N, "seconds": T}
+- {"ok": false, "cause": "rank", "rank": R, "local_rank": L, "host": H, "exitcode": E,
+  "signal": "SIGKILL" or null, "message": the rank's own error, if it recorded one}
+
+K (nodes that joined) is the most participants this node saw in the rendezvous, polled while
+it waits. The rendezvous backend is torch's c10d, registered under another name only so that
+this process keeps a handle on it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import registry
+from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+from torch.distributed.run import parse_args, run
+
+BACKEND = "c10d-observed"
+
+
+class Rendezvous:
+    """The c10d handlers this process created, and the most nodes any of them saw joined."""
+
+    def __init__(self):
+        self.handlers = []
+        self.joined = 1  # this node
+
+    def create(self, params):
+        handler = registry._create_c10d_handler(params)
+        handler.get_backend = lambda: BACKEND  # the name it was asked for (torch checks it)
+        self.handlers.append(handler)
+        return handler
+
+    def watch(self, every_s: float = 0.5) -> None:
+        """Poll the handlers' rendezvous state (a daemon thread) until the process ends."""
+
+        def poll():
+            while True:
+                for handler in list(self.handlers):
+                    state = getattr(getattr(handler, "_state_holder", None), "state", None)
+                    if state is not None:
+                        self.joined = max(self.joined, len(state.participants))
+                time.sleep(every_s)
+
+        threading.Thread(target=poll, daemon=True).start()
+
+
+def rank_outcome(exc: ChildFailedError) -> dict:
+    """The first failed rank: where it ran, how it ended, and its own message if any."""
+    rank, failure = exc.get_first_failure()
+    message = failure.message if isinstance(failure.message, str) else ""
+    if isinstance(failure.message, dict):
+        message = str(failure.message.get("message", ""))  # the rank's error file
+    return {
+        "ok": False,
+        "cause": "rank",
+        "rank": rank,
+        "local_rank": failure.local_rank,
+        "host": socket.gethostname(),  # a failure this agent saw: a rank of this node
+        "exitcode": failure.exitcode,
+        "signal": failure.signal_name() if failure.exitcode < 0 else None,
+        "message": message.strip().splitlines()[-1] if message.strip() else "",
+    }
+
+
+def main(argv: list[str]) -> int:
+    outcome_file, torchrun_args = Path(argv[0]), argv[2:]  # OUTCOME.json -- <args>
+    rendezvous = Rendezvous()
+    registry.handler_registry.register(BACKEND, rendezvous.create)
+    args = parse_args(torchrun_args)
+    nnodes = int(str(args.nnodes).split(":")[-1])
+    rendezvous.watch()
+    start = time.monotonic()
+    try:
+        run(args)
+        outcome = {"ok": True}
+    except RendezvousTimeoutError:
+        outcome = {
+            "ok": False,
+            "cause": "rendezvous",
+            "joined": min(rendezvous.joined, nnodes - 1),
+            "nnodes": nnodes,
+            "seconds": round(time.monotonic() - start),
+        }
+    except ChildFailedError as exc:
+        outcome = rank_outcome(exc)
+    outcome_file.write_text(json.dumps(outcome))
+    return 0 if outcome["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
