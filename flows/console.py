@@ -19,6 +19,7 @@ import datasets
 from tasks.common.config import PipelineConfig
 from tasks.common.console import TTY_BAR, VERBOSE_ENV, DropMessages, run_logger
 from tasks.common.credentials import redact
+from tasks.common.distributed import nproc_per_node
 from tasks.common.gates import Gate
 from tasks.common.tracking import Tracking, run_url
 from tasks.records import (
@@ -74,8 +75,12 @@ def _prepared(record: PreparedData, config: PipelineConfig) -> str:
 
 def _trained(record: TrainedAdapter, config: PipelineConfig) -> str:
     share = record.trainable_params / record.total_params if record.total_params else 0.0
+    dist = config.train.distributed
+    ranks = f" x {dist.nnodes * nproc_per_node(dist)} ranks ({dist.strategy})"
     return (
-        f"{record.global_steps} steps on {record.device} ({record.precision}), "
+        f"{record.global_steps} steps on {record.device}"
+        + (ranks if dist.strategy != "none" else "")
+        + f" ({record.precision}), "
         f"{count(record.trainable_params)} of {count(record.total_params)} parameters "
         f"trained ({share:.2%})"
     )

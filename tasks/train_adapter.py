@@ -23,6 +23,7 @@ from transformers import set_seed
 from transformers.utils import logging as hf_logging
 
 from tasks.common.config import PipelineConfig, config_from_dict
+from tasks.common.console import log_to_stderr
 from tasks.common.distributed import is_distributed, launch
 from tasks.common.processes import watch
 from tasks.common.stage import StageContext
@@ -100,7 +101,9 @@ def rank_main(spec_file: str) -> None:
     config = config_from_dict(spec["config"], source=spec_file)
     rank = int(os.environ["RANK"])
     run = Tracking.connect(config.tracking).run(spec["run_id"]) if rank == 0 else None
-    if rank != 0:
+    if rank == 0:
+        log_to_stderr()  # the step lines; torchrun shows local rank 0's output only
+    else:
         hf_logging.set_verbosity_error()
     folders = Path(spec["data_dir"]), Path(spec["adapter_dir"])
     train_and_log(config, run, *folders, spec["stage_started"], record=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.common.errors import ConfigError, TrainingError
+from tasks.common.distributed import failure
+from tasks.common.errors import ConfigError, ModelError, TrainingError
 from tasks.common.faults import KILL_AT_ENV
 from tasks.common.processes import start_group
 from tasks.common.tracking import Tracking, start_pipeline_run
@@ -116,6 +118,47 @@ def test_ddp_on_two_ranks_equals_one_process(single, make_tiny_config, still_ber
 def test_a_world_size_that_does_not_divide_the_batch_is_a_config_error(make_tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="use train.batch_size 9 or 12"):
         make_tiny_config(tmp_path, ["train.batch_size=10", *ddp(3)])
+
+
+def test_fsdp_without_cuda_is_refused_before_any_rank_starts(single, make_tiny_config, tmp_path):
+    _, _, data, _ = single
+    config = make_tiny_config(tmp_path, [*STEPS, *ddp(2)[1:], "train.distributed.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="fsdp needs CUDA GPUs"):
+        train_lora(config, data, start_pipeline_run(config))
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error", "message"),
+    [
+        (
+            {"cause": "rank", "message": "TrainingError: training loss became nan at step 3"},
+            TrainingError,
+            r"^rank 1 \(local rank 0 on gpu-7\): training loss became nan at step 3$",
+        ),
+        (
+            {"cause": "rank", "message": "ModelError: cannot load the base model"},
+            ModelError,
+            r"^rank 1 .*: cannot load the base model$",
+        ),
+        (
+            {"cause": "rank", "exitcode": 1, "message": "RuntimeError: CUDA out of memory"},
+            TrainingError,
+            r"exited with code 1: RuntimeError: CUDA out of memory; the group was stopped",
+        ),
+        (
+            {"cause": "rank", "exitcode": -9, "signal": "SIGKILL", "message": ""},
+            TrainingError,
+            r"was killed by SIGKILL; .*out-of-memory killer",
+        ),
+    ],
+)
+def test_a_failed_rank_becomes_an_error_naming_it(outcome, error, message, tiny_config):
+    """A rank's own PipelineError keeps its class (a bad input stays exit code 2); anything
+    else is a TrainingError with the rank, its host and how it ended."""
+    where = {"ok": False, "rank": 1, "local_rank": 0, "host": "gpu-7", "exitcode": 1}
+    got = failure(tiny_config, {**where, "signal": None, **outcome}, 1, Path("logs"))
+    assert type(got) is error
+    assert re.search(message, str(got)), str(got)
 
 
 def test_a_node_that_never_joins_fails_after_the_join_timeout(single, make_tiny_config, tmp_path):

@@ -43,6 +43,18 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("lora_retrain")
 
 
+def log_to_stderr() -> None:
+    """Outside a Prefect run (a training rank under torchrun): the `lora_retrain` logger's
+    lines to stderr, less the step lines a TTY shows as a bar."""
+    logger = logging.getLogger("lora_retrain")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+    handler.addFilter(lambda record: not getattr(record, TTY_BAR, False))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not twice through the root logger's console handler
+
+
 class DropMessages(logging.Filter):
     """Drops the records whose message matches `pattern` (and, given `source`, whose emitting
     file's path contains it); every other record passes."""

@@ -23,7 +23,7 @@ import torch
 from tasks.common import errors
 from tasks.common.config import DistributedConfig, PipelineConfig, check_global_batch
 from tasks.common.elastic import BACKEND
-from tasks.common.errors import PipelineError, TrainingError
+from tasks.common.errors import ConfigError, PipelineError, TrainingError
 from tasks.common.processes import start_group
 
 ELASTIC_MODULE = "tasks.common.elastic"
@@ -49,6 +49,11 @@ def torchrun_arguments(
     dist = config.train.distributed
     nproc = nproc_per_node(dist)
     check_global_batch(config.train, dist.nnodes * nproc)
+    if dist.strategy == "fsdp" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.distributed.strategy fsdp needs CUDA GPUs (accelerate's FSDP does not run on "
+            "CPU): use strategy ddp here, or train on the gpu pool (train.deployment)"
+        )
     return [
         f"--nnodes={dist.nnodes}",
         f"--nproc-per-node={nproc}",

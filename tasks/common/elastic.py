@@ -7,7 +7,8 @@ the group ended, as JSON, instead of a traceback for the stage to parse:
 - {"ok": true}
 - {"ok": false, "cause": "rendezvous", "joined": K, "nnodes": N, "seconds": T}
 - {"ok": false, "cause": "rank", "rank": R, "local_rank": L, "host": H, "exitcode": E,
-  "signal": "SIGKILL" or null, "message": the rank's own error, if it recorded one}
+  "signal": "SIGKILL" or null, "message": "<ErrorClass>: <text>" of the rank's own error, if
+  it recorded one}
 
 K (nodes that joined) is the most participants this node saw in the rendezvous, polled while
 it waits. The rendezvous backend is torch's c10d, registered under another name only so that
@@ -72,7 +73,7 @@ def rank_outcome(exc: ChildFailedError) -> dict:
         "host": socket.gethostname(),  # a failure this agent saw: a rank of this node
         "exitcode": failure.exitcode,
         "signal": failure.signal_name() if failure.exitcode < 0 else None,
-        "message": message.strip().splitlines()[-1] if message.strip() else "",
+        "message": message.strip(),  # "<ErrorClass>: <text>" (torch's @record on the rank)
     }
 
 

@@ -29,7 +29,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lora_core import InjectionReport, adapter_tensors, save_adapter
 from tasks.common.config import PipelineConfig, TrainConfig, check_global_batch
-from tasks.common.console import TrainingProgress
+from tasks.common.console import TrainingProgress, expected_warning
 from tasks.common.errors import TrainingError
 from tasks.common.faults import kill_point
 from tasks.common.models import resolve_model_path
@@ -286,7 +286,8 @@ def fit(
     resume = last_complete_checkpoint(checkpoints)
     if resume and run is not None:
         run.set_tags({"train.resumed_from": Path(resume).name})
-    result = trainer.train(resume_from_checkpoint=resume)
+    with expected_warning(UserWarning, "transformers.trainer", "mtime may not be reliable"):
+        result = trainer.train(resume_from_checkpoint=resume)  # (checkpoint rotation's note)
     ranks = rank_figures(trainer, result.metrics["train_runtime"], device)
     sharded = any(hasattr(p, "full_tensor") for p in setup.model.parameters())
     tensors = adapter_tensors(setup.model, setup.task_type) if sharded else None  # collective
