@@ -29,6 +29,7 @@ from tasks.common.tracking import Tracking, start_pipeline_run
 from tasks.stages import prepare_data, train_lora
 from testkit.servers import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = [
     "train.max_steps=6",
     "train.logging_steps=1",
@@ -262,11 +263,13 @@ def test_fsdp_shards_gather_into_the_adapter_one_process_trains(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import BertForSequenceClassification
 
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
          "-m", "testkit.fsdp_adapter", str(tmp_path)],
-        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True,
     )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
     sharded = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
     single = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     assert sharded.keys() == single.keys() and any("classifier" in k for k in sharded)
