@@ -3,10 +3,11 @@
 docker-compose.yml runs these as containers; with no Docker engine here they run natively:
 a throwaway PostgreSQL cluster (databases `mlflow` and `prefect`), `mlflow server` on it with a
 local artifact folder served through the server, `prefect server start` on it, one process
-worker for the `cpu` pool and one for `gpu`, `prefect deploy --all` from this checkout, then
-`prefect deployment run 'lora-retrain/adhoc' --watch` with a tiny config that the deployment's
-own overrides send through `lora-train/gpu`. Each worker has its own output folder, so the data
-and the adapter can only travel through the MLflow artifact store.
+worker for the `cpu` pool and two for `gpu` (two GPU nodes), `prefect deploy --all` from this
+checkout, then `prefect deployment run 'lora-retrain/adhoc' --watch` with a tiny config that
+the deployment's own overrides send through `lora-train/gpu`, trained on both nodes (DDP, one
+rank each). Each worker has its own output folder, so the data and the adapter can only travel
+through the MLflow artifact store. Then a two-node run is cancelled, and another loses a worker.
 
 Needs PostgreSQL's server binaries (initdb, postgres: Debian's `postgresql` package; .ci/run
 installs it) and psycopg2 (the `test` extra).
@@ -491,7 +492,20 @@ def test_the_deployments_exist_with_the_nightly_schedule_and_the_gpu_limit(stack
 
 
 def _rank_processes() -> list[int]:
-    return [pid for pid in marked_processes(MARK) if b"tasks.train_adapter" in _cmdline(pid)]
+    """The training ranks (`python -u -m tasks.train_adapter SPEC`), not torchrun's agents."""
+    return [pid for pid in marked_processes(MARK) if b"-m\0tasks.train_adapter\0" in _cmdline(pid)]
+
+
+def _training_processes() -> str:
+    """The processes of the workers and trainings (flow runs, agents, ranks, watchdogs) with
+    their parents, to show."""
+    lines = []
+    for pid in marked_processes(MARK):
+        line = _cmdline(pid).replace(b"\0", b" ").decode(errors="replace")
+        if "tasks." in line or "prefect" in line:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            lines.append(f"{pid} (parent {stat[1]}): {line[:200]}")
+    return "\n".join(lines)
 
 
 def _cmdline(pid: int) -> bytes:
@@ -501,11 +515,10 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny_config):
-    """Cancel the retrain flow run through the API while both nodes' ranks train: the
-    lora-train runs are cancelled with it and no rank process is left."""
-    del mlflow_run  # after the first run: its ranks are gone
-    work = stack["work"] / "cancel"
+def _start_a_long_two_node_run(stack, make_tiny_config, name: str) -> str:
+    """A retrain run whose training (two nodes, a rank each) goes on until stopped; returns
+    its flow run id once both ranks train."""
+    work = stack["work"] / name
     work.mkdir()
     config = make_tiny_config(
         work,
@@ -514,7 +527,7 @@ def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny
             "tracking.artifact_location=null",
             "tracking.experiment=production-topology",
             f"output_dir={stack['outputs']['cpu']}",
-            "train.max_steps=100000",  # trains until cancelled
+            "train.max_steps=100000",  # trains until stopped
             "train.epochs=1000",
             *TWO_NODES,
             f"train.distributed.rdzv_endpoint=127.0.0.1:{free_port()}",
@@ -525,6 +538,14 @@ def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny
     started = stack["run_adhoc"](path)
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
     assert wait_until(lambda: len(_rank_processes()) == 2, 300), stack["procs"].logs()
+    return flow_run_id
+
+
+def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny_config):
+    """Cancel the retrain flow run through the API while both nodes' ranks train: the
+    lora-train runs are cancelled with it and no rank process is left."""
+    del mlflow_run  # after the first run: its ranks are gone
+    flow_run_id = _start_a_long_two_node_run(stack, make_tiny_config, "cancel")
     urllib.request.urlopen(
         urllib.request.Request(
             f"{stack['api']}/flow_runs/{flow_run_id}/set_state",
@@ -533,7 +554,7 @@ def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny
         )
     ).read()
     gone = wait_until(lambda: _rank_processes() == [], 180)
-    assert gone, f"ranks left after the cancel: {_rank_processes()}\n{stack['procs'].logs()}"
+    assert gone, f"ranks left after the cancel:\n{_training_processes()}"
     [tag] = [t for t in _flow_run(stack, flow_run_id)["tags"] if t.startswith("mlflow-run:")]
 
     def node_states() -> set[str]:
@@ -544,3 +565,17 @@ def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny
 
     assert wait_until(lambda: node_states() == {"CANCELLED"}, 120), node_states()
     assert wait_until(lambda: _flow_run(stack, flow_run_id)["state"]["type"] == "CANCELLED", 120)
+
+
+def test_stopping_a_gpu_worker_ends_every_rank(stack, mlflow_run, make_tiny_config):
+    """SIGTERM to one gpu worker (as `docker stop` sends its main process) while both nodes
+    train: its flow run may outlive it, its rank does not, and the other node's rank fails
+    with it. Last in this module: the stack has one gpu worker less afterwards."""
+    del mlflow_run
+    flow_run_id = _start_a_long_two_node_run(stack, make_tiny_config, "stop-worker")
+    [worker] = [p for name, p, _ in stack["procs"].started if name == "worker-gpu0"]
+    before = _training_processes()
+    worker.send_signal(signal.SIGTERM)
+    gone = wait_until(lambda: _rank_processes() == [], 180)
+    assert gone, f"before:\n{before}\nleft after the worker stopped:\n{_training_processes()}"
+    assert wait_until(lambda: _flow_run(stack, flow_run_id)["state"]["type"] != "RUNNING", 300)

@@ -5,7 +5,8 @@ as a process group of its own that dies with the launcher (tasks/common/processe
 elastic agent then starts `nproc_per_node` ranks, meets the other nodes through the c10d
 rendezvous, restarts the whole group up to `max_restarts` times after a failure (the ranks
 resume from the last complete checkpoint) and ends every rank when it is stopped. Each rank
-registers a watchdog on the agent, so no rank outlives it even when the agent is SIGKILLed.
+registers a watchdog on the agent, so no rank outlives it even when the agent is SIGKILLed;
+under a Prefect worker a second watchdog ends the group when the worker goes.
 
 The launcher hands the ranks a spec (a JSON file: config, run id, folders) and reads back the
 outcome torchrun's wrapper writes; it never parses logs.
@@ -24,10 +25,11 @@ from tasks.common import errors
 from tasks.common.config import DistributedConfig, PipelineConfig, check_global_batch
 from tasks.common.elastic import BACKEND
 from tasks.common.errors import ConfigError, PipelineError, TrainingError
-from tasks.common.processes import start_group
+from tasks.common.processes import start_group, watch
 
 ELASTIC_MODULE = "tasks.common.elastic"
 RUN_ID_ENV = "LORA_RUN_ID"  # the MLflow run, for ranks that do not talk to MLflow
+WORKER_ENV = "PREFECT__FLOW_RUN_ID"  # set in the flow-run processes Prefect workers start
 
 
 def nproc_per_node(dist: DistributedConfig) -> int:
@@ -86,11 +88,17 @@ def launch(config: PipelineConfig, run_id: str, entry_module: str, folder: Path,
     # Ranks of a restarted group must not share the rendezvous store: they would read the
     # previous attempt's addresses and hang in init_process_group (pytorch/pytorch#135712).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    group = start_group(command, grace_s=config.train.distributed.grace_s, env=env)
+    grace = config.train.distributed.grace_s
+    group = start_group(command, grace_s=grace, env=env)
+    # A flow run of a Prefect worker can outlive a stopped worker: its ranks must not.
+    worker = watch([f"g{group.pgid}"], grace, parent=os.getppid()) if WORKER_ENV in env else None
     try:
         group.process.wait()
     finally:
         group.stop()  # whatever ended this wait, no process of the group survives it
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=5)
     outcome = json.loads(outcome_file.read_text()) if outcome_file.is_file() else None
     if outcome is None or not outcome["ok"]:
         raise failure(config, outcome, group.process.returncode, folder / "ranks")
