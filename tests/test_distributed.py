@@ -121,6 +121,13 @@ def test_a_world_size_that_does_not_divide_the_batch_is_a_config_error(make_tiny
         make_tiny_config(tmp_path, ["train.batch_size=10", *ddp(3)])
 
 
+@pytest.mark.parametrize("endpoint", ["nohost", "host:0", "host:70000", "a b:29400", ":29400"])
+def test_a_bad_rendezvous_endpoint_is_a_config_error(endpoint, make_tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="must be host:port with a port of 1-65535"):
+        make_tiny_config(tmp_path, [f"train.distributed.rdzv_endpoint={endpoint}"])
+    make_tiny_config(tmp_path, ['train.distributed.rdzv_endpoint="[::1]:29400"'])  # IPv6: fine
+
+
 def test_fsdp_without_cuda_is_refused_before_any_rank_starts(single, make_tiny_config, tmp_path):
     _, _, data, _ = single
     config = make_tiny_config(tmp_path, [*STEPS, *ddp(2)[1:], "train.distributed.strategy=fsdp"])

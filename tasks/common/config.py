@@ -163,9 +163,23 @@ class DistributedConfig(_Section):
     nnodes: int = Field(1, gt=0, le=4096, description="Nodes that train together.")
     rdzv_endpoint: str = Field(
         "127.0.0.1:29400",
-        pattern=r"^[\w.\-\[\]:]+:\d{1,5}$",
         description="host:port of the c10d rendezvous (one node's address, reachable by all).",
     )
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not re.fullmatch(r"[\w.\-]+|\[[0-9a-fA-F:]+\]", host) or not (
+            port.isdigit() and 0 < int(port) < 65536
+        ):
+            raise ValueError(
+                f"train.distributed.rdzv_endpoint {value!r} must be host:port with a port of "
+                f"1-65535, reachable from every node (e.g. 10.0.0.5:29400 or "
+                f"lora-rendezvous:29400)"
+            )
+        return value
+
     rdzv_id: str | None = Field(
         None, pattern=r"^[\w.\-]{1,128}$", description="Rendezvous id; None: the MLflow run id."
     )
