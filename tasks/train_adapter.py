@@ -17,7 +17,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from datasets import load_from_disk
-from mlflow.artifacts import load_dict
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import set_seed
 from transformers.utils import logging as hf_logging
@@ -51,8 +50,8 @@ def train_adapter(stage: StageContext, data: PreparedData) -> TrainedAdapter:
     }
     ranks = adapter_dir.parent / f"ranks-{os.getpid()}"  # one per launcher (node)
     launch(config, stage.run_id, __name__, ranks, spec)
-    with stage.run.tracking.fluent():
-        logged = load_dict(f"runs:/{stage.run_id}/{ADAPTER_RECORD}")
+    record_file = stage.run.client.download_artifacts(stage.run_id, ADAPTER_RECORD, str(ranks))
+    logged = json.loads(Path(record_file).read_text())
     trained = adapter_from_record(logged, stage.run_id, adapter_dir)
     if not any(adapter_dir.iterdir()):  # rank 0 ran on another node: its adapter comes here
         adapter_dir.rmdir()
