@@ -296,18 +296,7 @@ def fit(
         if trainer.first_step_at is not None:
             ranks["train/time_to_first_step_s"] = trainer.first_step_at - stage_started
         run.log_metrics(ranks, step=result.global_step)
-        if not sharded:
-            setup.model.cpu()
-        save_adapter(
-            setup.model,
-            adapter_dir,
-            base_model_name_or_path=resolve_model_path(config.model.name_or_path),
-            task_type=setup.task_type,
-            tensors=tensors,
-        )
-        setup.tokenizer.save_pretrained(str(adapter_dir))
-        for name, text in setup.files.items():
-            (adapter_dir / name).write_text(text)
+        _save(config, setup, adapter_dir, tensors)
     return TrainingResult(
         device=device,
         precision=precision,
@@ -315,6 +304,23 @@ def fit(
         total_params=setup.report.total_params,
         global_steps=result.global_step,
     )
+
+
+def _save(config: PipelineConfig, setup: TrainingSetup, adapter_dir: Path, tensors) -> None:
+    """The adapter in PEFT format (`tensors`: gathered from FSDP's shards, else None), the
+    tokenizer and the kind's files."""
+    if tensors is None:
+        setup.model.cpu()
+    save_adapter(
+        setup.model,
+        adapter_dir,
+        base_model_name_or_path=resolve_model_path(config.model.name_or_path),
+        task_type=setup.task_type,
+        tensors=tensors,
+    )
+    setup.tokenizer.save_pretrained(str(adapter_dir))
+    for name, text in setup.files.items():
+        (adapter_dir / name).write_text(text)
 
 
 def peak_memory_mb(device: str) -> float:
