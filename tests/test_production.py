@@ -54,7 +54,7 @@ TWO_NODES = [  # training on both gpu nodes, one rank each, meeting on 127.0.0.1
     "train.distributed.strategy=ddp",
     "train.distributed.nnodes=2",
     "train.distributed.nproc_per_node=1",
-    "train.distributed.join_timeout_s=300",
+    "train.distributed.join_timeout_s=60",  # also how long a rank waits for a dead peer
 ]
 
 
@@ -538,6 +538,16 @@ def _start_a_long_two_node_run(stack, make_tiny_config, name: str) -> str:
     started = stack["run_adhoc"](path)
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
     assert wait_until(lambda: len(_rank_processes()) == 2, 300), stack["procs"].logs()
+    client = MlflowClient(tracking_uri=stack["mlflow_uri"])
+
+    def training() -> bool:  # both ranks in the process group: rank 0 logged a loss
+        runs = client.search_runs(
+            [client.get_experiment_by_name("production-topology").experiment_id],
+            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+        )
+        return bool(runs) and "train/loss" in runs[0].data.metrics
+
+    assert wait_until(training, 300), stack["procs"].logs()
     return flow_run_id
 
 

@@ -240,6 +240,9 @@ def training_arguments(
         average_tokens_across_devices=True,  # causal_lm: loss over the global batch's tokens
         ddp_find_unused_parameters=False,  # LoRA: every trainable weight is used each step
         ddp_backend=("nccl" if device == "cuda" else "gloo") if world_size() > 1 else None,
+        # a rank waits this long for the others (to join the process group, in a collective),
+        # then fails: a node that died while the group started does not hold it for 30 min
+        ddp_timeout=train.distributed.join_timeout_s,
         **sharding(config, device),
     )
 
