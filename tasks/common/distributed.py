@@ -26,9 +26,9 @@ from tasks.common.config import DistributedConfig, PipelineConfig, check_global_
 from tasks.common.elastic import BACKEND
 from tasks.common.errors import ConfigError, PipelineError, TrainingError
 from tasks.common.processes import start_group, watch
+from tasks.common.training import FSDP_NEEDS_CUDA, RUN_ID_ENV
 
 ELASTIC_MODULE = "tasks.common.elastic"
-RUN_ID_ENV = "LORA_RUN_ID"  # the MLflow run, for ranks that do not talk to MLflow
 WORKER_ENV = "PREFECT__FLOW_RUN_ID"  # set in the flow-run processes Prefect workers start
 
 
@@ -52,10 +52,7 @@ def torchrun_arguments(
     nproc = nproc_per_node(dist)
     check_global_batch(config.train, dist.nnodes * nproc)
     if dist.strategy == "fsdp" and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.distributed.strategy fsdp needs CUDA GPUs (accelerate's FSDP does not run on "
-            "CPU): use strategy ddp here, or train on the gpu pool (train.deployment)"
-        )
+        raise ConfigError(FSDP_NEEDS_CUDA)  # before any rank starts; ranks check it again
     return [
         f"--nnodes={dist.nnodes}",
         f"--nproc-per-node={nproc}",

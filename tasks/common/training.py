@@ -37,6 +37,11 @@ from tasks.common.preflight import training_device_available
 from tasks.common.storage import ensure_room
 from tasks.common.tracking import TrackedRun
 
+RUN_ID_ENV = "LORA_RUN_ID"  # the MLflow run, for the ranks that do not talk to MLflow
+FSDP_NEEDS_CUDA = (
+    "train.distributed.strategy fsdp needs CUDA GPUs (accelerate's FSDP does not run on CPU): "
+    "use strategy ddp here, or train on the gpu pool (train.deployment)"
+)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
 
 
@@ -193,10 +198,7 @@ def sharding(config: PipelineConfig, device: str) -> dict[str, Any]:
     if config.train.distributed.strategy != "fsdp" or world_size() == 1:
         return {}
     if device != "cuda":
-        raise TrainingError(
-            "train.distributed.strategy fsdp needs CUDA GPUs (accelerate's FSDP does not run on "
-            "CPU): use strategy ddp here, or train on the gpu pool (train.deployment)"
-        )
+        raise TrainingError(FSDP_NEEDS_CUDA)
     return {
         "fsdp": "full_shard auto_wrap",
         "fsdp_config": {"version": 2, "reshard_after_forward": True},
@@ -273,7 +275,7 @@ def fit(
     dataset = model_inputs(dataset)
     device = pick_device(config.train)
     precision = pick_precision(config.train, device)
-    run_id = run.run_id if run is not None else os.environ["LORA_RUN_ID"]
+    run_id = run.run_id if run is not None else os.environ[RUN_ID_ENV]
     checkpoints = checkpoint_room(config, run_id, setup.report)
     evaluate = "validation" in dataset
     trainer = GuardedTrainer(
