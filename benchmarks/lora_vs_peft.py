@@ -39,7 +39,13 @@ What is measured
         DataCollatorWithPadding), same epochs/steps, batch size, learning rate, warm-up, weight
         decay, seed and logging interval;
      C. (full run only) lora_core with B's settings, to split the gain into engine and batching
-        (`train_tokens_per_second_ratio_same_settings` = C / B).
+        (`train_tokens_per_second_ratio_same_settings` = C / B);
+     D. (full run only) our train stage in fp32, to split off what precision auto gives (A runs
+        under bf16 autocast on a CPU with AMX-BF16 or AVX512-BF16, fp32 elsewhere).
+   After training (full run) each arm's model predicts the test split in fp32: test accuracy per
+   arm, and A's minus B's in points (goal: within 0.5). Each arm's tokens/s is also shown as
+   FLOP/s (tasks.common.hardware.flops_per_token, LoRA training) and as a share of this CPU's
+   dense fp32 / bf16 peak.
    The arms' Trainer.train() calls run in threads that take turns one optimizer step at a time
    (A B C C B A ...), each arm's time being the sum of its turns, so all arms see the same
    machine load. Quick run: arms A and B, 10 steps each; full run: the config's epochs.
@@ -87,8 +93,9 @@ from lora_core.peft_format import to_peft_fields  # noqa: E402
 from tasks.classification.data import build_splits, check_labels, tokenize  # noqa: E402
 from tasks.classification.modeling import load_classifier  # noqa: E402
 from tasks.common.config import PipelineConfig, load_config  # noqa: E402
+from tasks.common.hardware import flops_per_token, peak_flops  # noqa: E402
 from tasks.common.models import lora_config, resolve_model_path  # noqa: E402
-from tasks.common.training import MODEL_INPUTS, training_arguments  # noqa: E402
+from tasks.common.training import MODEL_INPUTS, pick_precision, training_arguments  # noqa: E402
 
 ENGINES = ("lora_core", "peft")
 
@@ -386,7 +393,8 @@ def make_trainer(
     set_seed(config.train.seed)
     torch.manual_seed(0)  # the new head's init, as tasks.classification.modeling.build_lora_model
     model = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
-    ours_args = training_arguments(config, out_dir / arm, "cpu", "fp32")
+    precision = "fp32" if arm == "lora_core_fp32" else pick_precision(config.train, "cpu")
+    ours_args = training_arguments(config, out_dir / arm, "cpu", precision)
     # no eval set here, and no checkpoint writes inside the timed steps
     ours_args = dataclasses.replace(ours_args, eval_strategy="no", save_strategy="no")
     if max_steps:
@@ -414,9 +422,9 @@ def make_trainer(
     else:
         inject_lora(model, lora_config(config.lora))
         args = (
-            ours_args
-            if arm == "lora_core"
-            else dataclasses.replace(plain_args, label_names=["labels"])
+            dataclasses.replace(plain_args, label_names=["labels"])
+            if arm == "lora_core_plain"
+            else ours_args
         )
     collator = CountingCollator(tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
@@ -424,10 +432,36 @@ def make_trainer(
     return trainer, collator
 
 
+def test_accuracy(model, test_split, tokenizer) -> float:
+    """Share of the test split the trained model predicts right (fp32, eval mode)."""
+    model.eval()
+    collate = DataCollatorWithPadding(tokenizer)
+    rows = [
+        {k: test_split[i][k] for k in ("input_ids", "attention_mask")}
+        for i in range(len(test_split))
+    ]
+    right = 0
+    with torch.inference_mode():
+        for start in range(0, len(rows), 64):
+            batch = collate(rows[start : start + 64])
+            predicted = model(**batch).logits.argmax(-1)
+            right += int(
+                (predicted == torch.tensor(test_split["labels"][start : start + 64])).sum()
+            )
+    return right / len(rows)
+
+
 def train_lockstep(
-    arms: list[str], config: PipelineConfig, dataset, tokenizer, label_names, max_steps: int | None
+    arms: list[str],
+    config: PipelineConfig,
+    dataset,
+    tokenizer,
+    label_names,
+    max_steps: int | None,
+    test_split=None,
 ) -> dict:
-    """Train every arm once, the arms taking turns step by step; tokens and seconds per arm."""
+    """Train every arm once, the arms taking turns step by step; tokens and seconds per arm,
+    and (given a test split) each trained model's test accuracy."""
     lock = Lockstep(arms)
     results: dict[str, dict] = {}
     errors: list[BaseException] = []
@@ -466,12 +500,37 @@ def train_lockstep(
             "tokens_per_s": collator.real / wall,
             "pad_share": 1 - collator.real / collator.padded,
             "group_by_length": setups[arm][0].args.group_by_length,
+            "precision": "bf16" if setups[arm][0].args.bf16 else "fp32",
         }
+        if test_split is not None:
+            results[arm]["test_accuracy"] = test_accuracy(
+                setups[arm][0].model, test_split, tokenizer
+            )
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # report
+
+
+def print_physical_limit(model, train: dict, train_ds) -> None:
+    """Training FLOPs per token (LoRA: forward + input gradients) and each arm's share of this
+    CPU's dense peak in the precision it trained in."""
+    mean_len = statistics.mean(len(ids) for ids in train_ds["input_ids"])
+    per_token = flops_per_token(model, mean_len, training=True)
+    peak = peak_flops()
+    print(
+        f"  physical limit: {per_token / 1e6:.1f} MFLOP per trained token (mean length "
+        f"{mean_len:.0f}); {peak.cores} cores at {peak.clock_ghz} GHz, dense peak fp32 "
+        f"{(peak.fp32 or 0) / 1e9:.0f} GFLOP/s, bf16 {(peak.bf16 or 0) / 1e9:.0f} GFLOP/s"
+    )
+    for arm, t in train.items():
+        achieved = t["tokens_per_s"] * per_token
+        share = peak.share(achieved, t["precision"])
+        print(
+            f"  train arm {arm:<16} {achieved / 1e9:6.1f} GFLOP/s"
+            + (f" = {share:.1%} of the {t['precision']} peak" if share else "")
+        )
 
 
 def ratio(a: float, b: float) -> float:
@@ -507,7 +566,9 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     set_seed(0)
     n_batches, passes, warmup, merge_reps = (6, 2, 2, 5) if opts.quick else (16, 3, 4, 20)
-    train_arms = ["lora_core", "peft"] if opts.quick else ["lora_core", "peft", "lora_core_plain"]
+    train_arms = ["lora_core", "peft"]
+    if not opts.quick:
+        train_arms += ["lora_core_plain", "lora_core_fp32"]
     train_max_steps = 10 if opts.quick else None
 
     config = load_config(opts.config)
@@ -587,7 +648,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     meter = CpuMeter()
     res["train"] = train_lockstep(
-        train_arms, config, train_ds, tokenizer, label_names, train_max_steps
+        train_arms,
+        config,
+        train_ds,
+        tokenizer,
+        label_names,
+        train_max_steps,
+        None if opts.quick else dataset["test"],
     )
     res["foreign_cpu"]["train"] = meter.foreign_share()
     res["foreign_cpu"]["whole"] = whole.foreign_share()
@@ -635,6 +702,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arm, label in (
         ("lora_core", "our train stage"),
         ("lora_core_plain", "lora_core, Trainer defaults"),
+        ("lora_core_fp32", "our train stage, fp32"),
     ):
         if arm in tr:
             print(
@@ -649,8 +717,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"  train arm {arm:<16} group_by_length={t['group_by_length']!s:<5} "
             f"{t['steps']} steps: {t['real_tokens']} real tokens of {t['padded_tokens']} fed "
             f"({100 * t['pad_share']:.1f}% padding) in {t['wall_s']:.1f} s -> "
-            f"{t['tokens_per_s']:.0f} tok/s, loss {t['loss']:.3f}"
+            f"{t['tokens_per_s']:.0f} tok/s, loss {t['loss']:.3f}, {t['precision']}"
+            + (f", test accuracy {t['test_accuracy']:.4f}" if "test_accuracy" in t else "")
         )
+    print_physical_limit(base, tr, train_ds)
     print(
         f"  parity: eval logits max |diff| before training "
         f"{max(s['logit_diff'] for s in res['step'].values()):.2g}, after safe merge "
@@ -678,6 +748,14 @@ def main(argv: list[str] | None = None) -> dict:
             tr["lora_core"]["tokens_per_s"], tr["peft"]["tokens_per_s"]
         ),
     }
+    if "test_accuracy" in tr["lora_core"]:
+        figures["test_accuracy_points_vs_peft"] = 100 * (
+            tr["lora_core"]["test_accuracy"] - tr["peft"]["test_accuracy"]
+        )
+    if "lora_core_fp32" in tr:
+        figures["train_tokens_per_second_ratio_fp32"] = ratio(
+            tr["lora_core_fp32"]["tokens_per_s"], tr["peft"]["tokens_per_s"]
+        )
     if "lora_core_plain" in tr:
         figures["train_tokens_per_second_ratio_same_settings"] = ratio(
             tr["lora_core_plain"]["tokens_per_s"], tr["peft"]["tokens_per_s"]

@@ -20,6 +20,7 @@ STEPS = [
     "train.batch_size=4",
     "train.checkpoint_steps=0",
     "output.keep=true",
+    "train.precision=fp32",  # 1e-4 between topologies: bf16 autocast rounds per batch shape
 ]
 
 

@@ -86,8 +86,13 @@ def test_corrupt_adapter_file_is_a_model_error(tmp_path, tiny_bert):
 def test_device_and_precision_choice():
     assert pick_device(TrainConfig(device="cpu")) == "cpu"
     assert pick_device(TrainConfig()) == "cpu"  # no GPU on the test machines
-    assert pick_precision(TrainConfig(), "cpu") == "fp32"
-    assert pick_precision(TrainConfig(precision="bf16"), "cpu") == "bf16"
+    assert pick_precision(TrainConfig(), "cpu", flags={"avx2", "avx512f"}) == "fp32"
+    assert pick_precision(TrainConfig(), "cpu", flags={"avx512f", "amx_bf16"}) == "bf16"
+    assert pick_precision(TrainConfig(), "cpu", flags={"avx512_bf16"}) == "bf16"
+    assert pick_precision(TrainConfig(), "cpu", flags=set()) == "fp32"  # unknown CPU: fp32
+    assert pick_precision(TrainConfig(), "mps", flags={"amx_bf16"}) == "fp32"
+    assert pick_precision(TrainConfig(precision="bf16"), "cpu", flags=set()) == "bf16"
+    assert pick_precision(TrainConfig(precision="fp32"), "cpu", flags={"amx_bf16"}) == "fp32"
 
 
 def test_non_finite_loss_stops_training_at_once_with_the_step(tmp_path, tiny_bert):

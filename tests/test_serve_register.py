@@ -46,12 +46,23 @@ def submit(run, config, evaluation, served, gates):
     )
 
 
-def test_serve_check_uses_cpu_provider_and_times_both_engines(run):
+def test_serve_check_uses_cpu_provider_and_times_every_engine(run):
+    """onnx and PyTorch fp32; on a CPU with bf16 matrix kernels also PyTorch bf16, the
+    strongest peer there, with the served model's speedups against it."""
+    from tasks.common.hardware import bf16_kernels
+
     s = run.served
     assert s.provider == "CPUExecutionProvider"
     assert s.metrics["accuracy"] == pytest.approx(run.quantized.served_score)
     assert len(s.answers) == 40
-    for engine in ("onnx", "torch"):
+    bf16 = bf16_kernels() is not None
+    engines = ("onnx", "torch", "torch_bf16") if bf16 else ("onnx", "torch")
+    assert ("serve/torch_bf16.batch1_p50_ms" in s.timings) is bf16
+    assert ("serve/speedup_vs_bf16.batch8_throughput" in s.timings) is bf16
+    assert s.timings["serve/speedup.batch1_p50"] == pytest.approx(
+        s.timings["serve/torch.batch1_p50_ms"] / s.timings["serve/onnx.batch1_p50_ms"]
+    )
+    for engine in engines:
         t = {
             k.removeprefix(f"serve/{engine}."): v
             for k, v in s.timings.items()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tasks.common import onnx as export_module
 from tasks.common.errors import GateFailed
+from tasks.common.hardware import bf16_kernels
 from tasks.stages import export_onnx, merge
 
 
@@ -31,7 +32,12 @@ def test_train_counts_trainable_parameters_and_logs_curves(run):
     assert len(metric_history(run, "train/learning_rate")) == steps // 2
     assert all(np.isfinite(metric_history(run, "train/grad_norm")))
     assert len(metric_history(run, "eval/accuracy")) == 2  # one per epoch
-    assert run.trained.device == "cpu" and run.trained.precision == "fp32"
+    # precision auto: bf16 autocast where this CPU has bf16 matrix kernels, fp32 elsewhere
+    expected = "bf16" if bf16_kernels() else "fp32"
+    assert run.trained.device == "cpu" and run.trained.precision == expected
+    tags = run.client.get_run(run.run_id).data.tags
+    assert tags["train.precision"] == expected
+    assert tags["train.cpu_bf16_kernels"] == (bf16_kernels() or "none")
 
 
 def test_adapter_is_saved_in_peft_format_with_the_head(run):

@@ -1,7 +1,9 @@
 """serve_check for classification: the served ONNX model's answers, latency and throughput.
 
-The merged PyTorch fp32 model (eager) is timed in the same run as the baseline, one engine at
-a time, with the same thread count; each engine is timed with and without tokenization.
+The merged PyTorch model is timed in the same run as the baseline, one engine at a time, with
+the same thread count: fp32 eager, and on a CPU with bf16 matrix kernels (AMX-BF16,
+AVX512-BF16) also under bf16 autocast, the fastest PyTorch there is on such a CPU. Each engine
+is timed with and without tokenization; the speedups are against both peers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from tasks.classification.data import label_names, load_split
 from tasks.classification.metrics import classification_metrics
 from tasks.classification.modeling import load_classifier, session_feed, session_logits
 from tasks.common.config import PipelineConfig
+from tasks.common.hardware import bf16_kernels
 from tasks.common.latency import latency_ms, throughput
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import SERVED_FILE, open_session
@@ -21,8 +24,10 @@ from tasks.common.serving import log_serve_check, serving_threads
 from tasks.common.stage import StageContext
 from tasks.records import MergedModel, PreparedData, QuantizedModel, ServeReport
 
+PEERS = {"torch": "speedup", "torch_bf16": "speedup_vs_bf16"}  # peer engine -> metric group
 
-def _runners(session, torch_model, tokenizer, max_length: int):
+
+def _runners(session, torch_model, tokenizer, max_length: int, bf16: bool):
     """Per engine: run(pre-tokenized batch) and run_text(list of texts)."""
 
     def onnx_run(batch):
@@ -32,6 +37,10 @@ def _runners(session, torch_model, tokenizer, max_length: int):
     def torch_run(batch):
         return torch_model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits
 
+    def torch_bf16_run(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch_run(batch)
+
     def with_tokenizer(run):
         return lambda texts: run(
             tokenizer(
@@ -39,10 +48,30 @@ def _runners(session, torch_model, tokenizer, max_length: int):
             )
         )
 
-    return {
+    runners = {
         "onnx": (onnx_run, with_tokenizer(onnx_run)),
         "torch": (torch_run, with_tokenizer(torch_run)),
     }
+    if bf16:
+        runners["torch_bf16"] = (torch_bf16_run, with_tokenizer(torch_bf16_run))
+    return runners
+
+
+def speedups(timings: dict[str, float], sizes: list[int]) -> dict[str, float]:
+    """ONNX against each PyTorch peer that was timed: batch-1 p50 and throughput ratios."""
+    ratios = {}
+    for peer, group in PEERS.items():
+        if f"serve/{peer}.batch1_p50_ms" not in timings:
+            continue
+        ratios[f"serve/{group}.batch1_p50"] = (
+            timings[f"serve/{peer}.batch1_p50_ms"] / timings["serve/onnx.batch1_p50_ms"]
+        )
+        for size in sizes:
+            ratios[f"serve/{group}.batch{size}_throughput"] = (
+                timings[f"serve/onnx.batch{size}_per_second"]
+                / timings[f"serve/{peer}.batch{size}_per_second"]
+            )
+    return ratios
 
 
 def time_engines(
@@ -53,7 +82,9 @@ def time_engines(
     max_length = config.data.max_length
     texts = list(texts)
     timings: dict[str, float] = {}
-    for engine, (run, run_text) in _runners(session, torch_model, tokenizer, max_length).items():
+    bf16 = bf16_kernels() is not None  # the PyTorch peer runs on this CPU
+    runners = _runners(session, torch_model, tokenizer, max_length, bf16)
+    for engine, (run, run_text) in runners.items():
         singles = [[t] for t in texts]
         encoded = [
             tokenizer(t, truncation=True, max_length=max_length, return_tensors="np")
@@ -75,19 +106,11 @@ def time_engines(
             timings[f"serve/{engine}.batch{size}_per_second_with_tokenizer"] = throughput(
                 run_text, text_batches, size
             )
-    timings["serve/speedup.batch1_p50"] = (
-        timings["serve/torch.batch1_p50_ms"] / timings["serve/onnx.batch1_p50_ms"]
-    )
-    for size in serve.throughput_batch_sizes:
-        timings[f"serve/speedup.batch{size}_throughput"] = (
-            timings[f"serve/onnx.batch{size}_per_second"]
-            / timings[f"serve/torch.batch{size}_per_second"]
-        )
-    return timings
+    return timings | speedups(timings, serve.throughput_batch_sizes)
 
 
 def timing_figure(timings: dict[str, float], sizes: list[int], variant: str):
-    """Batch-1 latency percentiles and throughput per batch size, both engines."""
+    """Batch-1 latency percentiles and throughput per batch size, every engine timed."""
     return engine_figure(
         timings,
         variant,

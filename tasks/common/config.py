@@ -235,7 +235,9 @@ class TrainConfig(_Section):
         "auto", description="auto: cuda, mps, cpu."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
+        "auto",
+        description="auto: bf16 (or fp16) on GPU; on CPU bf16 autocast where the CPU has "
+        "AMX-BF16 or AVX512-BF16, else fp32. Master weights stay fp32.",
     )
     deployment: str | None = Field(None, description="Prefect deployment to train on; None: here.")
     gradient_checkpointing: bool = Field(

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets import DatasetDict
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -32,6 +34,7 @@ from tasks.common.config import PipelineConfig, TrainConfig, check_global_batch
 from tasks.common.console import TrainingProgress, expected_warning
 from tasks.common.errors import TrainingError
 from tasks.common.faults import kill_point
+from tasks.common.hardware import bf16_kernels
 from tasks.common.models import resolve_model_path
 from tasks.common.preflight import training_device_available
 from tasks.common.storage import ensure_room
@@ -76,12 +79,16 @@ def pick_device(train: TrainConfig) -> str:
     return next(d for d in ("cuda", "mps", "cpu") if training_device_available(d))
 
 
-def pick_precision(train: TrainConfig, device: str) -> str:
-    """bf16 where the GPU supports it, else fp16 on GPU; fp32 on CPU."""
+def pick_precision(train: TrainConfig, device: str, flags: set[str] | None = None) -> str:
+    """bf16 where the GPU supports it, else fp16 on GPU; on CPU bf16 autocast where the CPU has
+    bf16 matrix kernels (AMX-BF16, AVX512-BF16), else fp32. Master weights stay fp32 either way,
+    so the adapter, the merge and the export do not change."""
     if train.precision != "auto":
         return train.precision
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and bf16_kernels(flags):
+        return "bf16"
     return "fp32"
 
 
@@ -113,6 +120,14 @@ class MlflowStepLogger(TrainerCallback):
             self.run.log_metrics(metrics, step=state.global_step)
 
 
+def token_lengths(dataset, batch_size: int = 65_536) -> np.ndarray:
+    """Each row's number of input_ids, read from Arrow's list offsets a batch at a time (the
+    column is never turned into Python lists: 1M rows of token ids would take gigabytes)."""
+    batches = dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size)
+    parts = [pc.list_value_length(batch["input_ids"]).to_numpy() for batch in batches]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 class GuardedTrainer(Trainer):
     """Trainer that stops at the first NaN/inf loss instead of training on garbage, counts
     the tokens this process trained on, and groups by length over the *global* batch (the
@@ -126,7 +141,7 @@ class GuardedTrainer(Trainer):
         if not self.args.group_by_length:
             return super()._get_train_sampler(dataset)
         args = self.args
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+        lengths = token_lengths(dataset).tolist()
         size = args.train_batch_size * args.world_size * args.gradient_accumulation_steps
         return LengthGroupedSampler(size, lengths=lengths)
 
@@ -360,7 +375,7 @@ def rank_figures(trainer: GuardedTrainer, runtime_s: float, device: str) -> dict
 
 
 def _log_training(run, config, report, result, train_split, device, precision) -> None:
-    n_tokens = int(sum(len(ids) for ids in train_split["input_ids"]))
+    n_tokens = int(token_lengths(train_split).sum())
     epochs_done = result.metrics.get("epoch", config.train.epochs)
     run.log_metrics(
         {
@@ -378,6 +393,7 @@ def _log_training(run, config, report, result, train_split, device, precision) -
         {
             "train.device": device,
             "train.precision": precision,
+            "train.cpu_bf16_kernels": bf16_kernels() or "none",  # what precision auto saw
             "train.strategy": config.train.distributed.strategy,
             "lora.target_names": ",".join(report.target_names)[:5000],
         }

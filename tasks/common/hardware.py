@@ -1,0 +1,99 @@
+"""What this CPU can do: its feature flags, whether it has bf16 matrix kernels, its peak FLOP/s.
+
+Read from Linux's /proc/cpuinfo; elsewhere the flags are empty and every choice falls back to
+what any x86-64 or ARM CPU runs (fp32). The peak figures are the textbook per-core, per-cycle
+numbers times cores times the reported clock: an upper bound that the benchmarks hold the
+measured figures against, not a promise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+
+# dense FLOPs per cycle per core (a multiply-add counts 2): AVX-512 with two FMA ports does
+# 32 fp32 multiply-adds, AVX2 16; AVX512-BF16 (vdpbf16ps) 64 bf16 ones; an AMX tile unit 512.
+FP32_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32}
+BF16_FLOPS_PER_CYCLE = {"amx_bf16": 1024, "avx512_bf16": 128}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def bf16_kernels(flags: set[str] | None = None) -> str | None:
+    """The CPU's fastest bf16 matrix instructions (amx_bf16, avx512_bf16), or None without them.
+
+    With either, PyTorch's oneDNN runs bf16 matmuls natively: bf16 autocast is faster than fp32.
+    Without them bf16 is emulated and slower, so fp32 is the right choice there."""
+    flags = cpu_flags() if flags is None else flags
+    return next((name for name in BF16_FLOPS_PER_CYCLE if name in flags), None)
+
+
+def cpu_clock_ghz(cpuinfo: str | None = None) -> float | None:
+    """The clock /proc/cpuinfo reports for the first CPU (GHz), None where unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        if line.startswith("cpu MHz"):
+            return float(line.split(":", 1)[1]) / 1000
+    return None
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """This CPU's dense peak, for the cores a process may use (FLOP/s; None where unknown)."""
+
+    cores: int
+    clock_ghz: float | None
+    fp32: float | None
+    bf16: float | None
+
+    def share(self, flops_per_second: float, precision: str) -> float | None:
+        """The share of the peak (fp32 or bf16) that a measured FLOP/s reaches."""
+        peak = self.bf16 if precision == "bf16" else self.fp32
+        return flops_per_second / peak if peak else None
+
+
+def peak_flops(flags: set[str] | None = None, cpuinfo: str | None = None) -> PeakFlops:
+    """Cores x clock x per-cycle FLOPs of the best fp32 and bf16 instructions the CPU has."""
+    flags = cpu_flags(cpuinfo) if flags is None else flags
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    clock = cpu_clock_ghz(cpuinfo)
+
+    def peak(table: dict[str, int]) -> float | None:
+        per_cycle = next((n for name, n in table.items() if name in flags), None)
+        return cores * clock * 1e9 * per_cycle if per_cycle and clock else None
+
+    return PeakFlops(cores or 1, clock, peak(FP32_FLOPS_PER_CYCLE), peak(BF16_FLOPS_PER_CYCLE))
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: float, training: bool = False) -> float:
+    """Dense FLOPs one token costs in `model`: 2 per weight of every Linear layer (embeddings
+    are lookups) plus the attention scores and mixing, 4 x seq_len x hidden per layer.
+
+    training=True counts LoRA training: forward plus the backward's input gradients through
+    every frozen matmul (as much again); the adapter's own weight gradients are negligible."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    forward = 2 * linear + 4 * layers * seq_len * hidden
+    return 2 * forward if training else forward
