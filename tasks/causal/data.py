@@ -6,6 +6,10 @@ Splits saved (a DatasetDict under <data>/tokenized):
   `prompt` (it rendered with the generation prompt) and `reference` (the response to match).
 The tokenizer (with its chat template, the default one if it had none) is saved beside them:
 every later stage and the served model format prompts with it.
+
+The records stream as in classification: batched `map`s turn each file's records into
+conversations (JSON) and then into tokens, splitting and de-duplicating move row positions, and
+packing places examples by their lengths alone before one pass writes the packed rows.
 """
 
 from __future__ import annotations
@@ -13,19 +17,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
-from datasets import Dataset, DatasetDict, load_from_disk
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 from jinja2 import TemplateError
 from sklearn.model_selection import train_test_split
 from transformers import AutoTokenizer
 
 from tasks.causal.formatting import (
-    Encoded,
+    IGNORE_INDEX,
     FormatError,
     conversation,
     encode,
     ensure_chat_template,
-    pack,
     render_prompt,
 )
 from tasks.causal.modeling import check_base_model
@@ -33,13 +37,19 @@ from tasks.common.config import DataConfig
 from tasks.common.credentials import redact
 from tasks.common.datasets import (
     DATA_PROFILE_FILE,
+    KEY_SHA,
+    ROW_SHA,
     SPLITS,
+    Rows,
     columns_found,
     content_sha256,
     find_split_files,
     finish_splits,
-    load_frame,
+    gather,
+    load_rows,
     log_dataset_inputs,
+    map_processes,
+    sha16,
 )
 from tasks.common.errors import DataError
 from tasks.common.models import load_tokenizer
@@ -47,18 +57,25 @@ from tasks.common.stage import StageContext
 from tasks.records import PreparedData
 
 TOKENIZER_DIR = "tokenizer"
+PACKED = Features(
+    {
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int64")),
+        "position_ids": List(Value("int64")),
+    }
+)
 
 
-def record_columns(frame: pd.DataFrame, data: DataConfig, path: Path) -> tuple[str, ...]:
+def record_columns(columns: list[str], data: DataConfig, path: Path) -> tuple[str, ...]:
     """The columns this file's records come from: prompt + response, or messages."""
-    if data.prompt_column in frame.columns and data.response_column in frame.columns:
+    if data.prompt_column in columns and data.response_column in columns:
         return data.prompt_column, data.response_column
-    if data.messages_column in frame.columns:
+    if data.messages_column in columns:
         return (data.messages_column,)
     raise DataError(
         f"data file {path} has neither columns {data.prompt_column!r} and "
         f"{data.response_column!r} nor a {data.messages_column!r} column; "
-        f"{columns_found(list(frame.columns))}; set data.prompt_column / data.response_column "
+        f"{columns_found(list(columns))}; set data.prompt_column / data.response_column "
         f"or data.messages_column"
     )
 
@@ -69,110 +86,247 @@ def _is_blank(value) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def read_conversations(path: Path, data: DataConfig) -> tuple[pd.DataFrame, int]:
-    """One file as a table of conversations (column `conversation`) keyed by their prompt
-    (column `text`, JSON of every turn but the last); returns it and the count of blank rows."""
-    frame = load_frame(path, data)
-    columns = record_columns(frame, data, path)
-    rows, blank = [], 0
-    for number, record in enumerate(frame[list(columns)].to_dict("records"), start=1):
-        if any(_is_blank(record[c]) for c in columns):
-            blank += 1
-            continue
-        try:
-            messages = conversation(
-                record, data.prompt_column, data.response_column, data.messages_column
-            )
-        except FormatError as exc:
-            raise DataError(f"data file {path}, record {number}: {exc}") from None
-        rows.append({"text": json.dumps(messages[:-1]), "conversation": messages})
-    if not rows:
-        raise DataError(f"data file {path}: every record is blank ({blank} rows)")
-    return pd.DataFrame(rows), blank
+def records_batch(batch: dict, indices: list[int], columns: tuple[str, ...], data: DataConfig):
+    """Each record as its conversation (JSON), keyed by its prompt (`text`: JSON of every turn
+    but the last); blank records and bad ones (`error`, with the record number) flagged."""
+    out: dict[str, list] = {
+        k: [] for k in ("text", "conversation", "response", "blank", "error", KEY_SHA, ROW_SHA)
+    }
+    for row, index in enumerate(indices):
+        record = {c: batch[c][row] for c in columns}
+        messages, error = None, None
+        if not any(_is_blank(record[c]) for c in columns):
+            try:
+                messages = conversation(
+                    record, data.prompt_column, data.response_column, data.messages_column
+                )
+            except FormatError as exc:
+                error = f"record {index + 1}: {exc}"
+        key = json.dumps(messages[:-1]) if messages else ""
+        whole = json.dumps(messages) if messages else ""
+        out["text"].append(key)
+        out["conversation"].append(whole)
+        out["response"].append(messages[-1]["content"] if messages else "")
+        out["blank"].append(messages is None and error is None)
+        out["error"].append(error)
+        out[KEY_SHA].append(sha16(key))
+        out[ROW_SHA].append(sha16(whole))
+    return out
 
 
-def random_split(frame: pd.DataFrame, share: float, seed: int):
+def first_error(table: Dataset) -> str | None:
+    """The first non-empty `error` of a table (in row order), or None."""
+    errors = table.data.column("error")
+    if errors.null_count == len(errors):
+        return None
+    return pc.drop_null(errors)[0].as_py()
+
+
+def read_conversations(path: Path, data: DataConfig) -> tuple[Rows, int]:
+    """One file's records as conversations keyed by their prompt; returns the rows that are
+    not blank and the count of blank ones."""
+    rows = load_rows(path, data)
+    columns = record_columns(rows.column_names, data, path)
+    table = rows.map(
+        records_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"columns": columns, "data": data},
+        remove_columns=rows.column_names,
+        num_proc=map_processes(len(rows)),
+        desc="reading records",
+    )
+    error = first_error(table)
+    if error:
+        raise DataError(f"data file {path}, {error}") from None
+    blank = table.data.column("blank").to_numpy(zero_copy_only=False)
+    if blank.all():
+        raise DataError(f"data file {path}: every record is blank ({int(blank.sum())} rows)")
+    return Rows.of(table, np.flatnonzero(~blank)), int(blank.sum())
+
+
+def random_split(rows: Rows, share: float, seed: int) -> tuple[Rows, Rows]:
     """Seeded cut of `share` of the rows; returns (rest, part)."""
-    if len(frame) < 2:
-        raise DataError(f"data: {len(frame)} record(s) cannot be split; add records")
-    rest, part = train_test_split(frame, test_size=share, random_state=seed)
-    return rest.reset_index(drop=True), part.reset_index(drop=True)
+    if len(rows) < 2:
+        raise DataError(f"data: {len(rows)} record(s) cannot be split; add records")
+    rest, part = train_test_split(np.arange(len(rows)), test_size=share, random_state=seed)
+    return rows.take(rest), rows.take(part)
 
 
-def build_conversation_splits(data: DataConfig):
+def build_conversation_splits(data: DataConfig) -> tuple[dict[str, Rows], dict[str, int], str]:
     """Read, drop blanks and repeated prompts, split (seeded), de-leak; returns the splits,
     the drop counts and the content hash."""
     files = find_split_files(data)
     dropped = {"blank": 0, "duplicates": 0}
-    splits: dict[str, pd.DataFrame] = {}
+    splits: dict[str, Rows] = {}
     for name, path in files.items():
-        frame, blank = read_conversations(path, data)
-        before = len(frame)
-        splits[name] = frame.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
+        every, blank = read_conversations(path, data)
+        splits[name] = every.first_of_each_key()
         dropped["blank"] += blank
-        dropped["duplicates"] += before - len(splits[name])
+        dropped["duplicates"] += len(every) - len(splits[name])
     dropped["leaked"] = finish_splits(splits, data, random_split)
     return splits, dropped, content_sha256(list(files.values()))
 
 
-def tokenize_split(frame: pd.DataFrame, tokenizer, max_length: int, name: str):
-    """Encode each conversation; drop (and count) those left with no response token."""
-    kept, encoded, too_long = [], [], 0
-    for i, messages in enumerate(frame["conversation"]):
+def encode_batch(
+    batch: dict, indices: list[int], tokenizer, max_length: int, name: str, prompts: bool
+):
+    """Encode each conversation (prompt tokens labelled -100) and, when `prompts`, render its
+    prompt; flag those that cannot be formatted (`error`), count truncated and response tokens."""
+    out: dict[str, list] = {
+        k: []
+        for k in ("input_ids", "labels", "messages", "prompt", "reference")
+        + ("truncated", "trained", "error")
+    }
+    for whole, index in zip(batch["conversation"], indices, strict=True):
+        messages = json.loads(whole)
         try:
             example = encode(tokenizer, messages, max_length)
+            prompt = render_prompt(tokenizer, messages[:-1]) if prompts else ""
         except (FormatError, TemplateError) as exc:
-            raise DataError(
-                f"data: {name} example {i + 1} ({json.dumps(messages)[:200]}...) cannot be "
-                f"formatted with the chat template of model.name_or_path: {exc}; fix the record "
-                f"(e.g. roles the template accepts) or use a model whose template fits the data"
-            ) from None
-        if example.trained_tokens == 0:
-            too_long += 1
-            continue
-        kept.append(i)
-        encoded.append(example)
-    if not encoded:
+            example, prompt = None, ""
+            out["error"].append(
+                f"data: {name} example {index + 1} ({whole[:200]}...) cannot be formatted with "
+                f"the chat template of model.name_or_path: {exc}; fix the record (e.g. roles "
+                f"the template accepts) or use a model whose template fits the data"
+            )
+        else:
+            out["error"].append(None)
+        out["input_ids"].append(example.input_ids if example else [])
+        out["labels"].append(example.labels if example else [])
+        out["messages"].append(json.dumps(messages[:-1]))
+        out["prompt"].append(prompt)
+        out["reference"].append(messages[-1]["content"])
+        out["truncated"].append(bool(example and example.truncated))
+        out["trained"].append(example.trained_tokens if example else 0)
+    return out
+
+
+def tokenize_split(rows: Rows, tokenizer, max_length: int, name: str, prompts: bool = True):
+    """Encode each conversation; drop (and count) those left with no response token. Returns
+    the kept rows, their encoded Dataset and the dropped count."""
+    options = {"tokenizer": tokenizer, "max_length": max_length, "name": name, "prompts": prompts}
+    encoded = rows.dataset(["conversation"]).map(
+        encode_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs=options,
+        remove_columns=["conversation"],
+        num_proc=map_processes(len(rows)),
+        desc=f"tokenizing {name}",
+    )
+    error = first_error(encoded)
+    if error:
+        raise DataError(error)
+    kept = np.flatnonzero(encoded.data.column("trained").to_numpy() > 0)
+    if len(kept) == 0:
         raise DataError(
             f"data: every {name} example's prompt fills data.max_length={max_length} tokens, "
             f"leaving no response token to learn; raise data.max_length"
         )
-    return frame.iloc[kept].reset_index(drop=True), encoded, too_long
+    encoded = encoded.remove_columns("error")
+    if len(kept) < len(rows):
+        encoded = gather(encoded, kept)
+    return rows.take(kept), encoded, len(rows) - len(kept)
 
 
-def to_dataset(frame: pd.DataFrame, encoded: list[Encoded], tokenizer) -> Dataset:
-    prompts = [messages[:-1] for messages in frame["conversation"]]
-    return Dataset.from_dict(
-        {
-            "input_ids": [e.input_ids for e in encoded],
-            "labels": [e.labels for e in encoded],
-            "messages": [json.dumps(p) for p in prompts],
-            "prompt": [render_prompt(tokenizer, p) for p in prompts],
-            "reference": [messages[-1]["content"] for messages in frame["conversation"]],
+def first_fit_bins(lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """formatting.pack's placement (first fit, longest first, ties in order) in O(n log n):
+    a max-tree over the bins' free room finds the first bin with room; unopened bins have all
+    their room and come after the opened ones, so the first fit may open the next bin."""
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    room = [max_length] * (2 * size)
+    bins = np.empty(len(lengths), dtype=np.int64)
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        need, node = int(lengths[i]), 1
+        while node < size:
+            node = 2 * node if room[2 * node] >= need else 2 * node + 1
+        bins[i] = node - size
+        room[node] -= need
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return bins
+
+
+def packed_rows(ordered: Dataset, counts: np.ndarray, max_length: int, pad_id: int):
+    """Rows of exactly max_length tokens from the examples in bin order (`counts` per bin):
+    position ids restart per example, the first token of each is not predicted, and the
+    padding at the end is one more "example"."""
+    batches = ordered.iter(batch_size=1024)
+    pending: dict[str, list] = {"input_ids": [], "labels": []}
+    for count in counts.tolist():
+        while len(pending["input_ids"]) < count:
+            batch = next(batches)
+            pending["input_ids"] += batch["input_ids"]
+            pending["labels"] += batch["labels"]
+        input_ids, labels, position_ids = [], [], []
+        for ids, example_labels in zip(
+            pending["input_ids"][:count], pending["labels"][:count], strict=True
+        ):
+            input_ids += ids
+            labels += [IGNORE_INDEX, *example_labels[1:]]
+            position_ids += list(range(len(ids)))
+        del pending["input_ids"][:count], pending["labels"][:count]
+        free = max_length - len(input_ids)
+        yield {
+            "input_ids": input_ids + [pad_id] * free,
+            "labels": labels + [IGNORE_INDEX] * free,
+            "position_ids": position_ids + list(range(free)),
         }
+
+
+def pack_split(encoded: Dataset, max_length: int, pad_id: int) -> Dataset:
+    """Pack whole examples into rows of max_length (formatting.pack, streamed)."""
+    lengths = pc.list_value_length(encoded.data.column("input_ids")).to_numpy()
+    bins = first_fit_bins(lengths, max_length)
+    order = np.lexsort((np.arange(len(bins)), bins))  # by bin, members in example order
+    ordered = gather(encoded, order, ["input_ids", "labels"])
+    counts = np.bincount(bins)
+    return Dataset.from_generator(
+        packed_rows,
+        features=PACKED,
+        gen_kwargs={
+            "ordered": ordered,
+            "counts": counts,
+            "max_length": max_length,
+            "pad_id": pad_id,
+        },
     )
 
 
-def encode_splits(splits: dict[str, pd.DataFrame], tokenizer, data: DataConfig):
+def encode_splits(splits: dict[str, Rows], tokenizer, data: DataConfig):
     """Each split encoded (train packed when data.packing); returns the DatasetDict, the
     metrics and the count of examples dropped for having no response token left."""
     parts, metrics, too_long_total = {}, {}, 0
     for name in SPLITS:
         if name not in splits:
             continue
-        frame, encoded, too_long = tokenize_split(splits[name], tokenizer, data.max_length, name)
-        splits[name] = frame
+        packed = name == "train" and data.packing
+        rows, encoded, too_long = tokenize_split(
+            splits[name], tokenizer, data.max_length, name, prompts=not packed
+        )
+        splits[name] = rows
         too_long_total += too_long
-        metrics[f"truncated.{name}"] = sum(e.truncated for e in encoded)
-        metrics[f"response_tokens.{name}"] = sum(e.trained_tokens for e in encoded)
-        if name == "train" and data.packing:
-            rows = pack(encoded, data.max_length, tokenizer.pad_token_id)
-            real = sum(len(e.input_ids) for e in encoded)
-            metrics["packed_rows"] = len(rows)
-            metrics["packing_efficiency"] = real / (len(rows) * data.max_length)
-            parts[name] = Dataset.from_list(rows)
+        metrics[f"truncated.{name}"] = int(
+            pc.sum(encoded.with_format("arrow")["truncated"]).as_py()
+        )
+        metrics[f"response_tokens.{name}"] = int(
+            pc.sum(encoded.with_format("arrow")["trained"]).as_py()
+        )
+        encoded = encoded.remove_columns(["truncated", "trained"])
+        if packed:
+            parts[name] = pack_split(encoded, data.max_length, tokenizer.pad_token_id)
+            real = int(
+                pc.sum(pc.list_value_length(encoded.with_format("arrow")["input_ids"])).as_py()
+            )
+            metrics["packed_rows"] = len(parts[name])
+            metrics["packing_efficiency"] = real / (len(parts[name]) * data.max_length)
         else:
-            parts[name] = to_dataset(frame, encoded, tokenizer)
+            parts[name] = encoded
     return DatasetDict(parts), metrics, too_long_total
 
 
@@ -187,7 +341,7 @@ def prepare_data(stage: StageContext) -> PreparedData:
     out_dir = stage.stage_dir("data")
     dataset.save_to_disk(str(out_dir / "tokenized"))
     tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
-    rows = {name: len(frame) for name, frame in splits.items()}
+    rows = {name: len(split) for name, split in splits.items()}
     metrics |= {f"rows.{k}": v for k, v in rows.items()}
     metrics |= {f"dropped.{k}": v for k, v in dropped.items()}
     run.log_figures(metrics, DATA_PROFILE_FILE)
@@ -200,10 +354,8 @@ def prepare_data(stage: StageContext) -> PreparedData:
         }
     )
     tables = {
-        name: pd.DataFrame(
-            {"prompt": frame["text"], "response": [m[-1]["content"] for m in frame["conversation"]]}
-        )
-        for name, frame in splits.items()
+        name: (rows.dataset(["text", "response"]).rename_column("text", "prompt"), rows.digest())
+        for name, rows in splits.items()
     }
     log_dataset_inputs(run, data, tables, targets="response")
     ref = run.log_folder(out_dir, "data")

@@ -2,6 +2,10 @@
 
 Saved under <data>: `tokenized` (a DatasetDict: text, label, labels and the tokenizer's
 inputs, unpadded; the collator pads per batch), `tokenizer` and `label_names.json`.
+
+The rows stream: `datasets` reads each file into memory-mapped Arrow, a batched `map` strips
+and digests them, the split works on row positions, and one batched `map` tokenizes each split
+(truncation counted from the tokenizer's overflow, so the texts are tokenized once).
 """
 
 from __future__ import annotations
@@ -9,9 +13,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Value, load_from_disk
 from sklearn.model_selection import train_test_split
 
@@ -20,14 +28,19 @@ from tasks.common.config import DataConfig, PipelineConfig
 from tasks.common.credentials import redact
 from tasks.common.datasets import (
     DATA_PROFILE_FILE,
+    KEY_SHA,
+    ROW_SHA,
     SPLITS,
+    Rows,
     columns_found,
     content_sha256,
     find_split_files,
     finish_splits,
     load_rows,
     log_dataset_inputs,
+    map_processes,
     require_text,
+    sha16,
 )
 from tasks.common.errors import DataError
 from tasks.common.models import load_tokenizer
@@ -36,10 +49,11 @@ from tasks.records import PreparedData
 
 LABELS_FILE = "label_names.json"
 CLASS_COUNTS_FILE = "data/class_counts.json"  # a table artifact: split, label, rows
+COLUMNS = ["text", "label"]
 
 
-def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
-    """One file of labelled texts as (text, label) strings; checks the columns and their types."""
+def read_table(path: Path, data: DataConfig) -> Dataset:
+    """One file of labelled texts as (text, label) columns; checks the columns and their types."""
     rows = load_rows(path, data)
     wanted = (data.text_column, data.label_column)
     missing = [c for c in wanted if c not in rows.column_names]
@@ -62,33 +76,60 @@ def read_table(path: Path, data: DataConfig) -> pd.DataFrame:
         )
     if label.dtype not in ("string", "large_string"):
         rows = rows.cast_column(data.label_column, Value("string"))  # 1 -> "1", as written
-    frame = rows.select_columns(list(wanted)).to_pandas()
-    return frame.rename(columns={data.text_column: "text", data.label_column: "label"})
+    rows = rows.select_columns(list(wanted))
+    return rows.rename_columns({data.text_column: "text", data.label_column: "label"})
 
 
-def clean(frame: pd.DataFrame, where: str) -> tuple[pd.DataFrame, dict[str, int], Counter]:
+def clean_batch(batch: pa.Table) -> pa.Table:
+    """Strip texts and labels (Arrow's Unicode whitespace), flag empty texts and missing labels,
+    digest each text (the duplicate key) and each row; keep the label as written."""
+    text = pc.utf8_trim_whitespace(pc.cast(batch["text"], pa.string()))
+    written = pc.cast(batch["label"], pa.string())
+    label = pc.utf8_trim_whitespace(written)
+    texts, labels = text.to_pylist(), label.to_pylist()
+    none = bytes(16)
+    return pa.table(
+        {
+            "text": text,
+            "label": label,
+            "written": written,
+            "empty": pc.fill_null(pc.equal(text, ""), True),
+            "no_label": pc.fill_null(pc.equal(label, ""), True),
+            KEY_SHA: [none if t is None else sha16(t) for t in texts],
+            ROW_SHA: [
+                none if t is None or x is None else sha16(f"{t}\0{x}")
+                for t, x in zip(texts, labels, strict=True)
+            ],
+        }
+    )
+
+
+def clean(rows: Dataset, where: str) -> tuple[Rows, dict[str, int], Counter]:
     """Strip texts and labels, drop empty texts, missing labels and exact duplicates; returns
     the rows, the drop counts and how often each label was written (before stripping)."""
-    text = frame["text"].astype("string").str.strip()
-    label = frame["label"].astype("string")
-    empty = text.isna() | (text == "")
-    no_label = label.isna() | (label.str.strip() == "")
-    spellings = Counter(label[~empty & ~no_label])
-    out = pd.DataFrame({"text": text, "label": label.str.strip()})[~empty & ~no_label]
-    out = out.astype(str)
-    before = len(out)
-    out = out.drop_duplicates(subset="text", keep="first")
+    table = (
+        rows.with_format("arrow")
+        .map(clean_batch, batched=True, num_proc=map_processes(len(rows)), desc="cleaning")
+        .with_format(None)
+    )
+    empty = table.data.column("empty").to_numpy()
+    no_label = table.data.column("no_label").to_numpy()
+    kept = ~empty & ~no_label
+    written = pc.value_counts(pc.filter(table.data.column("written"), pa.array(kept)))
+    spellings = Counter(dict(zip(*(written.field(i).to_pylist() for i in (0, 1)), strict=True)))
     counts = {
         "empty_text": int(empty.sum()),
         "missing_label": int((no_label & ~empty).sum()),
-        "duplicates": before - len(out),
     }
-    if out.empty:
+    if not kept.any():
         raise DataError(
             f"data {where}: no rows left after dropping empty texts and missing labels "
             f"({counts['empty_text']} empty texts, {counts['missing_label']} missing labels)"
         )
-    return out.reset_index(drop=True), counts, spellings
+    every = Rows.of(table, np.flatnonzero(kept))
+    unique = every.first_of_each_key()
+    counts["duplicates"] = len(every) - len(unique)
+    return unique, counts, spellings
 
 
 def check_spellings(spellings: Counter, where: str) -> None:
@@ -107,40 +148,56 @@ def check_spellings(spellings: Counter, where: str) -> None:
         )
 
 
-def carve(frame: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Seeded stratified cut of `share` of the rows; returns (rest, part)."""
-    counts = frame["label"].value_counts()
-    rare = counts[counts < 2]
-    if not rare.empty:
+def with_classes(splits: dict[str, Rows]) -> None:
+    """Give every split's rows their label codes (indices into the sorted label names)."""
+    labels = {name: rows.table.data.column("label") for name, rows in splits.items()}
+    names = sorted(set().union(*(pc.unique(c).drop_null().to_pylist() for c in labels.values())))
+    value_set = pa.array(names, pa.string())
+    for name, rows in splits.items():
+        codes = pc.fill_null(pc.index_in(labels[name], value_set=value_set), -1).to_numpy()
+        splits[name] = replace(rows, strata=codes[rows.positions], classes=tuple(names))
+
+
+def carve(rows: Rows, share: float, seed: int) -> tuple[Rows, Rows]:
+    """Seeded stratified cut of `share` of the rows (sklearn's, on the label codes, whose order
+    is the names' order: the same cut as on the names); returns (rest, part)."""
+    present, first, counts = np.unique(rows.strata, return_index=True, return_counts=True)
+    rare = [rows.classes[present[i]] for i in np.argsort(first) if counts[i] < 2]  # as written
+    if rare:
         raise DataError(
-            f"data: classes {', '.join(map(repr, rare.index))} have fewer than 2 rows; "
+            f"data: classes {', '.join(map(repr, rare))} have fewer than 2 rows; "
             f"a stratified split needs at least 2 rows per class (add rows)"
         )
-    cut_rows = math.ceil(share * len(frame))  # as train_test_split counts them
-    smaller = min(cut_rows, len(frame) - cut_rows)
-    if smaller < len(counts):
+    cut_rows = math.ceil(share * len(rows))  # as train_test_split counts them
+    smaller = min(cut_rows, len(rows) - cut_rows)
+    if smaller < len(present):
         raise DataError(
-            f"data: cutting {share:.0%} of {len(frame)} rows leaves {smaller} rows on one side "
-            f"for {len(counts)} classes; a stratified split needs at least one row per class on "
+            f"data: cutting {share:.0%} of {len(rows)} rows leaves {smaller} rows on one side "
+            f"for {len(present)} classes; a stratified split needs at least one row per class on "
             f"each side: add rows, or set data.split.test / data.split.validation so that "
-            f"each share holds at least {len(counts)} rows"
+            f"each share holds at least {len(present)} rows"
         )
     rest, part = train_test_split(
-        frame, test_size=share, random_state=seed, stratify=frame["label"]
+        np.arange(len(rows)), test_size=share, random_state=seed, stratify=rows.strata
     )
-    return rest.reset_index(drop=True), part.reset_index(drop=True)
+    return rows.take(rest), rows.take(part)
 
 
-def check_labels(splits: dict[str, pd.DataFrame]) -> list[str]:
+def label_set(rows: Dataset) -> set[str]:
+    """The distinct labels of a split (read from Arrow, not row by row)."""
+    return set(pc.unique(rows.with_format("arrow")["label"]).to_pylist())
+
+
+def check_labels(splits: dict[str, Dataset]) -> list[str]:
     """The label names (sorted); errors for one class or classes unseen in train."""
-    train_labels = set(splits["train"]["label"])
+    train_labels = label_set(splits["train"])
     if len(train_labels) < 2:
         raise DataError(
             f"data: the training split has only one class ({sorted(train_labels)[0]!r}); "
             f"classification needs at least two"
         )
-    for name, frame in splits.items():
-        unseen = set(frame["label"]) - train_labels
+    for name, rows in splits.items():
+        unseen = label_set(rows) - train_labels
         if unseen:
             raise DataError(
                 f"data: the {name} split has classes not in train: "
@@ -149,11 +206,11 @@ def check_labels(splits: dict[str, pd.DataFrame]) -> list[str]:
     return sorted(train_labels)
 
 
-def build_splits(data: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, int], str]:
-    """Read, clean, split and de-leak; returns the splits, drop counts and content hash."""
+def split_rows(data: DataConfig) -> tuple[dict[str, Rows], dict[str, int], str]:
+    """Read, clean, split and de-leak; returns the splits' rows, drop counts and content hash."""
     files = find_split_files(data)
     dropped = {"empty_text": 0, "missing_label": 0, "duplicates": 0}
-    splits: dict[str, pd.DataFrame] = {}
+    splits: dict[str, Rows] = {}
     spellings: Counter = Counter()
     for name, path in files.items():
         splits[name], counts, written = clean(read_table(path, data), where=str(path))
@@ -161,41 +218,67 @@ def build_splits(data: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, i
         for key, value in counts.items():
             dropped[key] += value
     check_spellings(spellings, ", ".join(str(p) for p in files.values()))
+    with_classes(splits)
     dropped["leaked"] = finish_splits(splits, data, carve)
     return splits, dropped, content_sha256(list(files.values()))
 
 
-def tokenize(splits: dict[str, pd.DataFrame], label_names: list[str], config: PipelineConfig):
-    """Tokenize without padding (the collator pads per batch); count truncated texts."""
+def build_splits(data: DataConfig) -> tuple[dict[str, Dataset], dict[str, int], str]:
+    """split_rows with each split as a Dataset of text and label (an indices mapping)."""
+    splits, dropped, content_sha = split_rows(data)
+    return {name: rows.dataset(COLUMNS) for name, rows in splits.items()}, dropped, content_sha
+
+
+def encode_batch(batch: dict, tokenizer, label_ids: dict[str, int], max_length: int) -> dict:
+    """Tokenize a batch once, truncated at max_length; a text was truncated when the tokenizer
+    had tokens left over (the fast tokenizer's overflow, the slow one's count)."""
+    if tokenizer.is_fast:
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        truncated = [bool(e.overflowing) for e in encoded.encodings]
+    else:
+        encoded = tokenizer(
+            batch["text"], truncation=True, max_length=max_length, return_overflowing_tokens=True
+        )
+        encoded.pop("overflowing_tokens")
+        truncated = [n > 0 for n in encoded.pop("num_truncated_tokens")]
+    labels = [label_ids[x] for x in batch["label"]]
+    return {"labels": labels, **encoded, "truncated": truncated}
+
+
+def tokenize(splits: dict[str, Dataset], label_names: list[str], config: PipelineConfig):
+    """Tokenize without padding (the collator pads per batch); count truncated texts. A fast
+    tokenizer already spreads each batch over the CPUs (Rust threads): more processes would
+    not add speed, so only a slow one gets num_proc."""
     tokenizer = load_tokenizer(config.model)
     label_ids = {name: i for i, name in enumerate(label_names)}
-    max_length = config.data.max_length
     truncated: dict[str, int] = {}
     parts = {}
     for name in SPLITS:
         if name not in splits:
             continue
-        frame = splits[name]
-        full = tokenizer(list(frame["text"]), truncation=False)["input_ids"]
-        truncated[name] = sum(len(ids) > max_length for ids in full)
-        encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)
-        columns = {
-            "text": list(frame["text"]),
-            "label": list(frame["label"]),
-            "labels": [label_ids[x] for x in frame["label"]],
-            **encoded,
-        }
-        parts[name] = Dataset.from_dict(columns)
+        encoded = splits[name].map(
+            encode_batch,
+            batched=True,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "label_ids": label_ids,
+                "max_length": config.data.max_length,
+            },
+            num_proc=None if tokenizer.is_fast else map_processes(len(splits[name])),
+            desc=f"tokenizing {name}",
+        )
+        truncated[name] = int(pc.sum(encoded.data.column("truncated")).as_py() or 0)
+        parts[name] = encoded.remove_columns("truncated")
     return DatasetDict(parts), tokenizer, truncated
 
 
-def class_counts(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def class_counts(splits: dict[str, Dataset]) -> pd.DataFrame:
     """Rows per label in each split, one row per (split, label)."""
-    rows = [
-        {"split": name, "label": str(label), "rows": int(count)}
-        for name, frame in splits.items()
-        for label, count in frame["label"].value_counts().sort_index().items()
-    ]
+    rows = []
+    for name, split in splits.items():
+        counts = pc.value_counts(split.with_format("arrow")["label"])
+        pairs = zip(counts.field(0).to_pylist(), counts.field(1).to_pylist(), strict=True)
+        rows += [{"split": name, "label": label, "rows": n} for label, n in sorted(pairs)]
     return pd.DataFrame(rows, columns=["split", "label", "rows"])
 
 
@@ -203,19 +286,20 @@ def prepare_data(stage: StageContext) -> PreparedData:
     """Read the configured data, clean and split it, tokenize, save and log it."""
     config, run = stage.config, stage.run
     check_base_model(config.model, config.data.max_length)
-    splits, dropped, content_sha = build_splits(config.data)
-    names = check_labels(splits)
-    dataset, tokenizer, truncated = tokenize(splits, names, config)
+    splits, dropped, content_sha = split_rows(config.data)
+    tables = {name: rows.dataset(COLUMNS) for name, rows in splits.items()}
+    names = check_labels(tables)
+    dataset, tokenizer, truncated = tokenize(tables, names, config)
     out_dir = stage.stage_dir("data")
     dataset.save_to_disk(str(out_dir / "tokenized"))
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     (out_dir / LABELS_FILE).write_text(json.dumps(names))
-    rows = {name: len(frame) for name, frame in splits.items()}
+    rows = {name: len(split) for name, split in splits.items()}
     metrics = {f"rows.{k}": v for k, v in rows.items()}
     metrics |= {f"dropped.{k}": v for k, v in dropped.items()}
     metrics |= {f"truncated.{k}": v for k, v in truncated.items()}
     run.log_figures(metrics, DATA_PROFILE_FILE)
-    run.log_table(class_counts(splits), CLASS_COUNTS_FILE)
+    run.log_table(class_counts(tables), CLASS_COUNTS_FILE)
     run.set_tags(
         {
             "task": config.task,
@@ -223,7 +307,8 @@ def prepare_data(stage: StageContext) -> PreparedData:
             "data.path": redact(config.data.path),
         }
     )
-    log_dataset_inputs(run, config.data, splits, targets="label")
+    inputs = {name: (tables[name], splits[name].digest()) for name in splits}
+    log_dataset_inputs(run, config.data, inputs, targets="label")
     ref = run.log_folder(out_dir, "data")
     return PreparedData(dataset=ref, rows=rows, content_sha256=content_sha, dropped=dropped)
 

@@ -4,6 +4,11 @@ One file is split into train/validation/test (seeded); a folder gives its train,
 and test files, and the splits it lacks are carved out of train. Texts of validation and test
 that also occur in train are dropped (leakage). The content hash of the files is the data's
 identity for re-run detection.
+
+The rows stay in Arrow (memory-mapped by `datasets`) from the file to the saved splits: a
+batched `map` cleans and digests them, and splitting, de-duplicating and de-leaking work on
+small numpy arrays (row positions, 16-byte text digests, label codes), never on Python lists
+or pandas frames of the corpus.
 """
 
 from __future__ import annotations
@@ -11,11 +16,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
-import pandas as pd
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, Features, Value, load_dataset
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.entities import DatasetInput, InputTag
@@ -27,6 +36,9 @@ from tasks.common.errors import DataError
 from tasks.common.tracking import TrackedRun
 
 SPLITS = ("train", "validation", "test")
+KEY_SHA = "key_sha"  # column: 16-byte digest of what makes two rows the same example
+ROW_SHA = "row_sha"  # column: 16-byte digest of the whole row (the MLflow dataset digest)
+ROWS_PER_PROCESS = 100_000  # a map over fewer rows runs in one process: forking costs more
 DATA_PROFILE_FILE = "data/profile.json"  # table: rows.<split>, dropped.<reason>, truncated.<split>
 SPLIT_FILE_STEMS = {
     "train": ("train",),
@@ -34,8 +46,6 @@ SPLIT_FILE_STEMS = {
     "test": ("test",),
 }
 FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# cut(frame, share, seed) -> (rest, part): a stratified or a random seeded cut
-Cut = Callable[[pd.DataFrame, float, int], tuple[pd.DataFrame, pd.DataFrame]]
 
 
 def _format_of(path: Path, data: DataConfig) -> str:
@@ -191,11 +201,6 @@ def read_error(path: Path, fmt: str, exc: BaseException) -> DataError:
     return DataError(f"data file {path} could not be read as {fmt}: {cause}")
 
 
-def load_frame(path: Path, data: DataConfig) -> pd.DataFrame:
-    """load_rows as a pandas frame."""
-    return load_rows(path, data).to_pandas()
-
-
 def require_text(rows: Dataset, column: str, path: Path, fix: str) -> None:
     """A DataError unless rows[column] holds strings (JSON and Parquet columns are typed)."""
     feature = rows.features[column]
@@ -219,7 +224,111 @@ def content_sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def finish_splits(splits: dict[str, pd.DataFrame], data: DataConfig, cut: Cut) -> int:
+def map_processes(rows: int) -> int | None:
+    """num_proc for a `map` over `rows` rows: a process per ROWS_PER_PROCESS, at most one a CPU."""
+    processes = min(os.cpu_count() or 1, rows // ROWS_PER_PROCESS)
+    return processes if processes > 1 else None
+
+
+def sha16(text: str) -> bytes:
+    """A 16-byte digest of text: rows are compared by it (a collision is below 1e-20 likely)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def digests(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of 16-byte digests as a numpy 'S16' array (equal digests compare equal)."""
+    fixed = pc.cast(column, pa.binary(16))
+    chunks = fixed.chunks if isinstance(fixed, pa.ChunkedArray) else [fixed]
+    parts = [
+        np.frombuffer(c.buffers()[1], dtype="S16")[c.offset : c.offset + len(c)] for c in chunks
+    ]
+    return np.concatenate(parts) if parts else np.empty(0, dtype="S16")
+
+
+def take_rows(batch: pa.Table, table: pa.Table) -> pa.Table:
+    """The rows of table at a batch's positions (Arrow's take)."""
+    return table.take(batch["position"])
+
+
+def gather(table: Dataset, positions: np.ndarray, columns: list[str] | None = None) -> Dataset:
+    """The rows of table at positions, in that order, as a new Dataset: a batched `map` over
+    the positions takes each batch with Arrow's `take` (an indices mapping would gather row by
+    row at every later read). table has no indices mapping (map and gather make none). Written
+    beside the table's cache files when it has some."""
+    columns = table.column_names if columns is None else columns
+    cache = None
+    if table.cache_files:
+        folder = Path(table.cache_files[0]["filename"]).parent
+        key = hashlib.md5(np.ascontiguousarray(positions, dtype=np.int64).tobytes())
+        key.update(json.dumps([table.cache_files, columns]).encode())
+        cache = str(folder / f"rows-{key.hexdigest()}.arrow")
+    return (
+        Dataset.from_dict({"position": np.asarray(positions, dtype=np.int64)})
+        .with_format("arrow")
+        .map(
+            take_rows,
+            batched=True,
+            batch_size=10_000,
+            fn_kwargs={"table": table.data.table.select(columns)},
+            remove_columns=["position"],
+            cache_file_name=cache,
+            new_fingerprint=Path(cache).stem if cache else None,
+        )
+        .with_format(None)
+    )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of one cleaned table, by position, with their digests and (for a stratified
+    cut) label codes: splitting and de-leaking move these small arrays, not the rows."""
+
+    table: Dataset
+    positions: np.ndarray
+    keys: np.ndarray  # KEY_SHA per row: rows with equal keys are the same example
+    content: np.ndarray  # ROW_SHA per row
+    strata: np.ndarray | None = None  # a class code per row, for a stratified cut
+    classes: tuple[str, ...] = ()  # the class of each code
+
+    @classmethod
+    def of(cls, table: Dataset, positions: np.ndarray) -> Rows:
+        """The rows at positions of a table with KEY_SHA and ROW_SHA columns."""
+        keys, content = digests(table.data.column(KEY_SHA)), digests(table.data.column(ROW_SHA))
+        return cls(table, positions, keys[positions], content[positions])
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, where: np.ndarray) -> Rows:
+        """The rows at `where` (positions into these rows)."""
+        strata = None if self.strata is None else self.strata[where]
+        return replace(
+            self,
+            positions=self.positions[where],
+            keys=self.keys[where],
+            content=self.content[where],
+            strata=strata,
+        )
+
+    def first_of_each_key(self) -> Rows:
+        """The rows whose key has not occurred before (exact duplicates dropped, order kept)."""
+        _, first = np.unique(self.keys, return_index=True)
+        return self.take(np.sort(first))
+
+    def dataset(self, columns: list[str]) -> Dataset:
+        """These rows' columns, in their order, as a new Dataset (see gather)."""
+        return gather(self.table, self.positions, columns)
+
+    def digest(self) -> str:
+        """The MLflow dataset digest: md5 over the rows' contents, in order (8 hex digits)."""
+        return hashlib.md5(self.content.tobytes()).hexdigest()[:8]
+
+
+# cut(rows, share, seed) -> (rest, part): a stratified or a random seeded cut
+Cut = Callable[[Rows, float, int], tuple[Rows, Rows]]
+
+
+def finish_splits(splits: dict[str, Rows], data: DataConfig, cut: Cut) -> int:
     """Split in place: one table ('all') into train/validation/test, or a folder's missing
     splits out of train, with cut (stratified or random); then drop validation/test rows seen
     in train and refuse empty splits. Returns the leaked count."""
@@ -234,41 +343,45 @@ def finish_splits(splits: dict[str, pd.DataFrame], data: DataConfig, cut: Cut) -
             if name not in splits and share > 0:
                 splits["train"], splits[name] = cut(splits["train"], share, data.seed)
     leaked = remove_leakage(splits)
-    for name, frame in splits.items():
-        if frame.empty:
+    for name, rows in splits.items():
+        if len(rows) == 0:
             raise DataError(
                 f"data: the {name} split is empty after cleaning; add rows or change data.split"
             )
     return leaked
 
 
-def remove_leakage(splits: dict[str, pd.DataFrame]) -> int:
-    """Drop validation/test texts seen in train (and test texts from validation). Returns count."""
-    seen = set(splits["train"]["text"])
+def remove_leakage(splits: dict[str, Rows]) -> int:
+    """Drop validation/test rows whose key is in train (and validation keys seen in test).
+    Returns the count."""
+    seen = splits["train"].keys
     dropped = 0
     for name in ("test", "validation"):
         if name not in splits:
             continue
-        frame = splits[name]
-        leaked = frame["text"].isin(seen)
+        leaked = np.isin(splits[name].keys, seen)
         dropped += int(leaked.sum())
-        splits[name] = frame[~leaked].reset_index(drop=True)
-        seen |= set(splits[name]["text"])
+        splits[name] = splits[name].take(np.flatnonzero(~leaked))
+        seen = np.concatenate([seen, splits[name].keys])
     return dropped
 
 
 def log_dataset_inputs(
-    run: TrackedRun, data: DataConfig, tables: dict[str, pd.DataFrame], targets: str
+    run: TrackedRun, data: DataConfig, tables: dict[str, tuple[Dataset, str]], targets: str
 ) -> None:
-    """Each split as an MLflow dataset input (with its digest), named after the data file.
-    The source is built as a local one: from a plain path MLflow would guess, and warn that
-    two registered local source types match."""
+    """Each split (a Dataset and its digest) as an MLflow dataset input, named after the data
+    file. The source is built as a local one: from a plain path MLflow would guess, and warn
+    that two registered local source types match."""
     uri = json.dumps({"uri": redact(Path(data.path).resolve())})
     source = get_dataset_source_from_json(uri, source_type="local")
     inputs = []
-    for name, table in tables.items():
-        ds = mlflow.data.from_pandas(
-            table, source=source, targets=targets, name=f"{Path(data.path).stem}-{name}"
+    for name, (table, digest) in tables.items():
+        ds = mlflow.data.from_huggingface(
+            table,
+            source=source,
+            targets=targets,
+            name=f"{Path(data.path).stem}-{name}",
+            digest=digest,
         )
         inputs.append(
             DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, name)])
