@@ -1,5 +1,12 @@
 """export_onnx for causal_lm: optimum's decoder export with KV cache, gated on greedy parity.
 
+export.fuse runs onnxruntime's transformer optimizer as model type gpt2 (optimum's table maps
+llama, mistral, gpt2 and the like there; Qwen2 and other decoders it lacks get the same): it
+fuses LayerNorm/RMSNorm with the residual add (SkipLayerNormalization,
+SkipSimplifiedLayerNormalization) and Gelu (FastGelu). Its attention fusions do not match the
+KV-cache attention optimum exports (checked on GPT-2 and Llama: none fused), so attention
+stays unfused. The gates check the fused graph.
+
 Gates on the probe prompts (the first export.parity_prompts test prompts): full-sequence logits
 of ONNX fp32 vs PyTorch (max abs difference), and greedy generation of export.parity_new_tokens
 new tokens (end-of-sequence suppressed, so every prompt yields that many) token for token.
@@ -12,7 +19,14 @@ from tasks.causal.generation import first_step_logits, greedy_new_tokens
 from tasks.causal.merge import probe_prompts
 from tasks.causal.modeling import load_causal_lm, open_causal_onnx
 from tasks.common.gates import require
-from tasks.common.onnx import ONNX_FILE, copy_missing_files, max_abs_diff_all, optimum_export
+from tasks.common.onnx import (
+    ONNX_FILE,
+    copy_missing_files,
+    fuse_graph,
+    max_abs_diff_all,
+    optimum_export,
+    ort_model_type,
+)
 from tasks.common.stage import StageContext
 from tasks.records import MergedModel, OnnxModel, PreparedData
 
@@ -33,6 +47,9 @@ def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> Onnx
         merged_dir, stage.stage_dir("onnx"), "text-generation-with-past", config.export.opset
     )
     copy_missing_files(merged_dir, out_dir)
+    if config.export.fuse:
+        fused = fuse_graph(out_dir, ort_model_type(out_dir, "gpt2"))
+        stage.run.log_metrics({f"onnx/fused.{op}": n for op, n in fused.items()})
     tokenizer = load_data_tokenizer(stage, data)
     prompts = probe_prompts(stage, data)
     n = config.export.parity_new_tokens

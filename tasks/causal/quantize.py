@@ -3,17 +3,29 @@
 Each variant is scored against ONNX fp32 in the same run: agreement of its greedy answers to the
 probe prompts with fp32's, token by token (up to export.parity_new_tokens, stopping at eos), test
 perplexity (response tokens), and the batch-1 decode time per token. Static int8 needs a
-calibrated KV-cache graph and is not offered for decoders.
+calibrated KV-cache graph and is not offered for decoders. The sensitivity search probes the
+full-sequence logits of the probe prompts (the token-agreement gate's prompts; the perplexity
+gate's test split is not probed). No node is kept fp32 by rule: lm_head is the largest
+MatMul, and the search keeps it in fp32 only when it is sensitive.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tasks.causal.data import load_data_tokenizer, load_split
-from tasks.causal.generation import greedy_new_tokens, perplexity, response_nll, token_agreement
+from tasks.causal.generation import (
+    first_step_logits,
+    greedy_new_tokens,
+    perplexity,
+    response_nll,
+    token_agreement,
+)
 from tasks.causal.merge import probe_prompts
 from tasks.causal.modeling import open_causal_onnx
 from tasks.common.gates import Gate, evaluate_gate
@@ -34,6 +46,23 @@ class DecoderScorer:
     test: Any
     score_name: str = "perplexity"
     latency_name: str = "ms_per_token"
+    head_pattern: str = ""
+
+    def probe(self, folder: Path) -> np.ndarray:
+        """Every position's logits on the probe prompts (CPU), for the sensitivity search."""
+        model = open_causal_onnx(folder, ONNX_FILE, "cpu", self.config.serve.num_threads)
+        return np.concatenate(first_step_logits(model, self.tokenizer, self.prompts), axis=0)
+
+    def _request(self, model) -> Callable[[str], Any]:
+        steps = self.config.serve.decode_tokens
+        return lambda p: greedy_new_tokens(model, self.tokenizer, [p], steps, min_new_tokens=steps)
+
+    def requests(self, folder: Path) -> tuple[Callable[[str], Any], list[str], float]:
+        """Greedy decoding of serve.decode_tokens tokens on folder's graph, the probe prompts,
+        and the divisor that makes one request's time the time per token."""
+        device = "cuda" if self.config.serve.device == "cuda" else "cpu"
+        model = open_causal_onnx(folder, ONNX_FILE, device, self.config.serve.num_threads)
+        return self._request(model), self.prompts, float(self.config.serve.decode_tokens)
 
     def score(self, folder: Path, name: str, reference) -> tuple[Candidate, list[list[int]]]:
         config, tokenizer, prompts = self.config, self.tokenizer, self.prompts
@@ -45,7 +74,7 @@ class DecoderScorer:
         nll, count = response_nll(model, self.test, config.eval.batch_size)
         steps = config.serve.decode_tokens
         timing = latency_ms(
-            lambda p: greedy_new_tokens(model, tokenizer, [p], steps, min_new_tokens=steps),
+            self._request(model),
             prompts,
             warmup=1,
             runs=max(3, config.serve.latency_runs // 10),

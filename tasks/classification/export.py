@@ -1,4 +1,6 @@
-"""export for classification: optimum's text-classification ONNX, gated on logits and argmax."""
+"""export for classification: optimum's text-classification ONNX, fused by onnxruntime's
+transformer optimizer (model type bert: Attention, SkipLayerNormalization, BiasGelu,
+EmbedLayerNormalization), gated on the fused graph's logits and argmax against PyTorch."""
 
 from __future__ import annotations
 
@@ -8,18 +10,29 @@ from tasks.classification.data import label_names, load_split
 from tasks.classification.modeling import load_classifier, predict_logits, session_logits
 from tasks.common.gates import require
 from tasks.common.models import load_tokenizer
-from tasks.common.onnx import ONNX_FILE, max_abs_diff, open_session, optimum_export
+from tasks.common.onnx import (
+    ONNX_FILE,
+    fuse_graph,
+    max_abs_diff,
+    open_session,
+    optimum_export,
+    ort_model_type,
+)
 from tasks.common.stage import StageContext
 from tasks.records import MergedModel, OnnxModel, PreparedData
 
 
 def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> OnnxModel:
-    """optimum export, then compare ONNX fp32 logits and argmax with PyTorch on the test split."""
+    """optimum export and fusion, then compare the fp32 graph's logits and argmax with PyTorch
+    on the test split."""
     config = stage.config
     merged_dir = stage.fetch(merged.model)
     out_dir = optimum_export(
         merged_dir, stage.stage_dir("onnx"), "text-classification", config.export.opset
     )
+    if config.export.fuse:
+        fused = fuse_graph(out_dir, ort_model_type(out_dir, "bert"))
+        stage.run.log_metrics({f"onnx/fused.{op}": n for op, n in fused.items()})
     texts = load_split(stage, data, "test")["text"]
     tokenizer = load_tokenizer(config.model)
     torch_logits = predict_logits(

@@ -318,6 +318,13 @@ class ExportConfig(_Section):
     parity_prompts: int = Field(
         8, gt=0, le=10_000, description="causal_lm: probe prompts for the gates."
     )
+    fuse: bool = Field(
+        True,
+        description=(
+            "Run onnxruntime's transformer optimizer on the export (Attention, SkipLayerNorm, "
+            "Gelu fusions); the parity gates check the fused graph."
+        ),
+    )
 
 
 QuantVariant = Literal[
@@ -335,12 +342,42 @@ class QuantizeConfig(_Section):
     """
 
     variants: list[QuantVariant] = Field(
-        default_factory=lambda: ["dynamic_per_channel", "dynamic_per_tensor", "static_per_channel"],
+        default_factory=lambda: ["dynamic_per_channel", "dynamic_per_tensor"],
         min_length=1,
-        description="Candidates to try; static ones are calibrated on training texts.",
+        description=(
+            "Candidates to try; static ones are calibrated on training texts (on a fused graph "
+            "they leave Attention and the embeddings in fp32: onnxruntime has no static kernels "
+            "for those fused ops, so they are not tried by default)."
+        ),
     )
     calibration_samples: int = Field(
-        64, gt=0, le=100_000, description="Training texts used to calibrate static quantization."
+        256, gt=0, le=100_000, description="Training texts used to calibrate static quantization."
+    )
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "percentile",
+        description="Static activation ranges: min/max, a histogram percentile, or entropy.",
+    )
+    calibration_percentile: float = Field(
+        99.99, ge=90, le=100, description="percentile calibration: the share of values kept."
+    )
+    mixed_precision_base: QuantVariant | None = Field(
+        "dynamic_per_channel",
+        description=(
+            "When this variant fails its gates, keep its most sensitive nodes in fp32 until a "
+            "mix passes (one of variants; null: no search)."
+        ),
+    )
+    sensitivity_probe_samples: int = Field(
+        64, gt=0, le=10_000, description="Validation rows each node's sensitivity is measured on."
+    )
+    sensitivity_max_units: int = Field(
+        32,
+        gt=0,
+        le=1000,
+        description="At most this many quantize-and-probe runs (nodes grouped in runs beyond).",
+    )
+    mixed_max_mixes: int = Field(
+        4, gt=0, le=32, description="At most this many mixes (1, 2, 4, ... nodes in fp32) scored."
     )
     min_top1_agreement: float = Field(
         0.97, ge=0, le=1, description="Gate: share of test predictions equal to fp32's."
@@ -363,6 +400,17 @@ class QuantizeConfig(_Section):
     fallback_to_fp32: bool = Field(
         True, description="Serve fp32 when no variant passes and beats it (else the run fails)."
     )
+
+    @model_validator(mode="after")
+    def _base_is_a_variant(self) -> QuantizeConfig:
+        base = self.mixed_precision_base
+        if base is not None and base not in self.variants:
+            raise ValueError(
+                f"quantize.mixed_precision_base {base!r} is not one of quantize.variants "
+                f"{self.variants}: add it there, or set mixed_precision_base to one of them "
+                f"or to null (no mixed-precision search)"
+            )
+        return self
 
 
 class ServeConfig(_Section):

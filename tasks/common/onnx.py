@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import io
+import json
 import platform
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
+from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnxruntime.quantization.calibrate import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    TensorsData,
+    create_calibrator,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.optimizer import optimize_model
 from optimum.exporters.onnx import main_export
 from optimum.onnxruntime import ORTQuantizer
 from optimum.onnxruntime.configuration import (
-    AutoCalibrationConfig,
     AutoQuantizationConfig,
     QuantizationConfig,
 )
+from optimum.onnxruntime.utils import ORTConfigManager
 from torch.jit import TracerWarning
 
-from tasks.common.console import expected, expected_warning
+from tasks.common.console import expected, expected_warning, verbose
 from tasks.common.errors import PipelineError
+from tasks.common.hardware import cpu_flags
 
 ONNX_FILE = "model.onnx"
 SERVED_FILE = "model_served.onnx"  # whichever variant ships, under one name
@@ -33,6 +47,10 @@ QUANTIZER_NOTES = (
     r"^(Axis -?\d+ is out-of-range for weight|Expected bias .* to be an initializer"
     r"|Bias of Gemm node .* is not constant)"
 )
+# onnxruntime's transformer optimizer on graphs it only partly fuses (decoders with a KV cache,
+# heads it detects from the graph): notes on patterns it looked for and did not find
+OPTIMIZER_NOTES = r"^(Failed to|Skip|skip|Fused|Removed|fused|--|.*not (found|fused|supported))"
+Ranges = TensorsData  # onnxruntime's calibrated activation ranges, by tensor name
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,15 +140,61 @@ def copy_missing_files(source: Path, target: Path) -> None:
             shutil.copy2(item, target / item.name)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
+def ort_model_type(onnx_dir: Path, default: str) -> str:
+    """onnxruntime's optimizer family for the model (optimum's table of config model_types),
+    else default: 'bert' for encoders, 'gpt2' (norm and Gelu fusions) for decoders."""
+    config = onnx_dir / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type", "") if config.is_file() else ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+        return ORTConfigManager.get_model_ort_type(model_type)
+    except (KeyError, NotImplementedError):
+        return default
+
+
+def fuse_graph(onnx_dir: Path, model_type: str) -> dict[str, int]:
+    """onnxruntime's transformer optimizer on onnx_dir/model.onnx, in place: ORT's basic graph
+    optimizations (portable, opt_level 1) then its fusions (Attention, SkipLayerNormalization,
+    BiasGelu/FastGelu, EmbedLayerNormalization where the graph has the patterns), then ORT's
+    quantization pre-processing (symbolic shape inference: the quantizer needs the types of
+    tensors that fused contrib ops produce). Returns the fused operators made, by type."""
+    model_file = onnx_dir / ONNX_FILE
+    external = (onnx_dir / f"{ONNX_FILE}_data").exists()
+    with expected("", OPTIMIZER_NOTES, source="onnxruntime/transformers/"):
+        optimized = optimize_model(str(model_file), model_type=model_type, opt_level=1)
+    optimized.topological_sort()
+    fused_file = onnx_dir / "model_fused.onnx"
+    quant_pre_process(
+        optimized.model,
+        str(fused_file),
+        skip_optimization=True,
+        auto_merge=True,
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        external_data_location=f"{ONNX_FILE}_data",
+    )
+    fused_file.replace(model_file)
+    stats = optimized.get_fused_operator_statistics()
+    return {op: count for op, count in sorted(stats.items()) if count}
+
+
+def graph_op_types(model_file: Path) -> dict[str, int]:
+    """How many nodes of each op type a graph has (weights not loaded)."""
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(model_file), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def weighted_nodes(model_file: Path, op_types: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, op type) of the nodes of these types that read a weight (an initializer), in graph
+    order: what int8 quantization turns into integer kernels."""
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [
+        (node.name, node.op_type)
+        for node in graph.node
+        if node.op_type in op_types and any(i in weights for i in node.input)
+    ]
 
 
 def instruction_set(flags: set[str] | None = None, machine: str | None = None) -> str:
@@ -146,52 +210,104 @@ def instruction_set(flags: set[str] | None = None, machine: str | None = None) -
     return "avx2"
 
 
-def quantization_config(variant: str, isa: str) -> QuantizationConfig:
-    """optimum's int8 config for a variant name like 'static_per_channel' on an ISA."""
+def quantization_config(
+    variant: str,
+    isa: str,
+    nodes_to_exclude: Sequence[str] = (),
+    nodes_to_quantize: Sequence[str] = (),
+) -> QuantizationConfig:
+    """optimum's int8 config for a variant name like 'static_per_channel' on an ISA; nodes in
+    nodes_to_exclude stay fp32, and a non-empty nodes_to_quantize quantizes only those."""
     mode, _, granularity = variant.partition("_per_")
     return getattr(AutoQuantizationConfig, isa)(
-        is_static=mode == "static", per_channel=granularity == "channel"
+        is_static=mode == "static",
+        per_channel=granularity == "channel",
+        nodes_to_exclude=list(nodes_to_exclude),
+        nodes_to_quantize=list(nodes_to_quantize),
     )
+
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+
+
+class RowsReader(CalibrationDataReader):
+    """onnxruntime's calibration reader over rows of equal length, one row per run."""
+
+    def __init__(self, rows: Sequence[dict[str, np.ndarray]]) -> None:
+        self._rows = iter(rows)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._rows, None)
+
+
+def rows_by_length(rows) -> list[list[dict[str, np.ndarray]]]:
+    """Calibration rows (dicts of token-id lists) as batch-1 int64 arrays, grouped by length:
+    the histogram calibrators stack each tensor over the rows of one collect_data call."""
+    groups: dict[int, list[dict[str, np.ndarray]]] = {}
+    for row in rows:
+        arrays = {k: np.asarray([v], dtype=np.int64) for k, v in row.items()}
+        groups.setdefault(arrays["input_ids"].shape[1], []).append(arrays)
+    return [groups[length] for length in sorted(groups)]
+
+
+def calibrate(
+    fp32_dir: Path,
+    work_dir: Path,
+    variant: str,
+    isa: str,
+    rows,
+    method: str = "percentile",
+    percentile: float = 99.99,
+) -> Ranges:
+    """Activation ranges of a static variant, from onnxruntime's calibrator (min/max, a
+    histogram percentile, or entropy) run on fp32 over the calibration rows; the histograms
+    accumulate over groups of equal-length rows, so texts are never padded."""
+    operators = quantization_config(variant, isa).operators_to_quantize
+    calibrator = create_calibrator(
+        str(fp32_dir / ONNX_FILE),
+        op_types_to_calibrate=operators,
+        augmented_model_path=str(work_dir / "augmented_model.onnx"),
+        calibrate_method=CALIBRATION_METHODS[method],
+        extra_options={"percentile": percentile, "symmetric": False},
+    )
+    # the calibrators print their progress: never onto stdout (the CLI's JSON result)
+    progress = sys.stderr if verbose() else io.StringIO()
+    with (
+        expected("", QUANTIZER_NOTES, source="onnxruntime/quantization/"),
+        redirect_stdout(progress),
+    ):
+        for group in rows_by_length(rows):
+            calibrator.collect_data(RowsReader(group))
+        ranges = calibrator.compute_data()
+    (work_dir / "augmented_model.onnx").unlink(missing_ok=True)
+    return ranges
 
 
 def quantize_variant(
-    fp32_dir: Path, out_dir: Path, variant: str, isa: str, calibration: Callable[[], Any]
+    fp32_dir: Path,
+    out_dir: Path,
+    qconfig: QuantizationConfig,
+    ranges: Ranges | None = None,
 ) -> Path:
-    """Write one int8 variant; static variants are calibrated (min/max) on calibration().
-    onnxruntime's notes on the graph (QUANTIZER_NOTES) are not shown (-v shows them)."""
-    with expected("", QUANTIZER_NOTES, source="onnxruntime/quantization/"):
-        return _quantize_variant(fp32_dir, out_dir, variant, isa, calibration)
-
-
-def _quantize_variant(
-    fp32_dir: Path, out_dir: Path, variant: str, isa: str, calibration: Callable[[], Any]
-) -> Path:
-    qconfig = quantization_config(variant, isa)
+    """Write one int8 graph of fp32_dir/model.onnx into out_dir (static configs need the ranges
+    of calibrate()). onnxruntime's notes on the graph (QUANTIZER_NOTES) are not shown."""
     quantizer = ORTQuantizer.from_pretrained(str(fp32_dir), file_name=ONNX_FILE)
-    ranges = None
-    if qconfig.is_static:
-        rows = calibration()
-        ranges = quantizer.fit(
-            dataset=rows,
-            calibration_config=AutoCalibrationConfig.minmax(rows),
-            onnx_augmented_model_name=str(out_dir / "augmented_model.onnx"),
-            operators_to_quantize=qconfig.operators_to_quantize,
+    with expected("", QUANTIZER_NOTES, source="onnxruntime/quantization/"):
+        quantizer.quantize(
+            quantization_config=qconfig,
+            save_dir=out_dir,
+            file_suffix=None,
+            calibration_tensors_range=ranges if qconfig.is_static else None,
         )
-        (out_dir / "augmented_model.onnx").unlink(missing_ok=True)
-    quantizer.quantize(
-        quantization_config=qconfig,
-        save_dir=out_dir,
-        file_suffix=None,
-        calibration_tensors_range=ranges,
-    )
     return out_dir / ONNX_FILE
 
 
 def convert_fp16(fp32_file: Path, out_file: Path) -> Path:
     """fp16 weights and activations, fp32 inputs/outputs (for the CUDA provider)."""
-    import onnx  # imported here: only a GPU target converts
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     model = convert_float_to_float16(onnx.load(str(fp32_file)), keep_io_types=True)
     onnx.save(model, str(out_file))
     return out_file

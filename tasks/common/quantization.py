@@ -1,29 +1,44 @@
 """The quantize stage for every task kind: build variants, score each against fp32, pick one.
 
 CPU targets try the configured int8 variants (dynamic or static, per-channel or per-tensor)
-with the kernels that fit this CPU; a GPU target (serve.device cuda) tries fp16. A variant
-ships only when it passes its gates and answers faster than fp32 at batch 1; otherwise fp32
-ships and the reason is recorded. What "score" and "gates" mean is the task kind's: it hands
-in a VariantScorer.
+with the kernels that fit this CPU, the task's head nodes kept in fp32; static variants are
+calibrated once on training rows (quantize.calibration_method). When
+quantize.mixed_precision_base fails its gates, the sensitivity search (mixed_precision.py)
+adds mixes of it with its most sensitive nodes in fp32. A GPU target (serve.device cuda)
+tries fp16. A variant ships only when it passes its gates and answers faster than fp32 at
+batch 1 (fp32 and the passing variants are timed again side by side for that comparison);
+otherwise fp32 ships and the reason is recorded. What "score", "probe" and "gates"
+mean is the task kind's: it hands in a VariantScorer.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from tasks.common.errors import GateFailed
 from tasks.common.gates import Gate, evaluate_gate
+from tasks.common.mixed_precision import (
+    Sensitivity,
+    VariantBuilder,
+    kept_for_sensitivity,
+    measure_sensitivity,
+    mix_sizes,
+)
 from tasks.common.onnx import (
     ONNX_FILE,
     SERVED_FILE,
     convert_fp16,
     copy_missing_files,
     instruction_set,
-    quantize_variant,
+    weighted_nodes,
 )
 from tasks.common.tracking import ArtifactRef, TrackedRun
 
@@ -42,6 +57,7 @@ class Candidate:
     p50_ms: float
     size_mb: float
     gates: list[Gate] = field(default_factory=list)
+    kept_fp32: dict[str, str] = field(default_factory=dict)  # node -> why it is not int8
 
     @property
     def passed(self) -> bool:
@@ -57,6 +73,7 @@ class VariantScorer(Protocol):
 
     score_name: str  # the score that fp32_score / served_score report (first of the scores)
     latency_name: str  # the metric name of Candidate.p50_ms
+    head_pattern: str  # regex on node names: the nodes that always stay fp32 ("" for none)
 
     def score(self, folder: Path, name: str, reference: Any) -> tuple[Candidate, Any]:
         """Score folder/ONNX_FILE against reference (fp32's outputs; None for fp32 itself);
@@ -65,6 +82,16 @@ class VariantScorer(Protocol):
 
     def gates(self, candidate: Candidate, fp32: Candidate) -> list[Gate]:
         """The candidate's gates against fp32 (fp32 against itself passes them)."""
+        ...
+
+    def requests(self, folder: Path) -> tuple[Callable[[Any], Any], Sequence[Any], float]:
+        """A batch-1 request on folder's graph, the inputs to send, and the divisor that turns
+        one request's milliseconds into the latency figure (Candidate.p50_ms)."""
+        ...
+
+    def probe(self, folder: Path) -> np.ndarray:
+        """folder/ONNX_FILE's logits on the probe rows (not the test split): what the
+        sensitivity search compares with fp32's, rows by classes (or vocabulary)."""
         ...
 
 
@@ -78,6 +105,8 @@ class Choice:
     gates: list[Gate]
     instruction_set: str
     reason: str
+    sensitivity: list[Sensitivity] = field(default_factory=list)  # most sensitive first
+    sensitivity_base: str | None = None  # the variant the search measured
 
 
 def choose(fp32: Candidate, candidates: list[Candidate], fallback: bool) -> tuple[Candidate, str]:
@@ -105,27 +134,115 @@ def choose(fp32: Candidate, candidates: list[Candidate], fallback: bool) -> tupl
     return fp32, f"serving fp32: {why}"
 
 
+def head_nodes(model_file: Path, pattern: str) -> dict[str, str]:
+    """The quantizable nodes whose names match the task's head pattern: kept fp32 always."""
+    if not pattern:
+        return {}
+    operators = ("MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization")
+    return {
+        name: "task head: always kept in fp32"
+        for name, _ in weighted_nodes(model_file, operators)
+        if re.search(pattern, name)
+    }
+
+
+def scored(
+    scorer: VariantScorer, folder: Path, name: str, reference: Any, fp32: Candidate, kept: dict
+) -> Candidate:
+    """folder scored against fp32, with its gates and the nodes it keeps in fp32."""
+    candidate, _ = scorer.score(folder, name, reference)
+    return replace(candidate, gates=scorer.gates(candidate, fp32), kept_fp32=dict(kept))
+
+
+def build_fp16(
+    config, fp32_dir: Path, out_dir: Path, scorer: VariantScorer, fp32: Candidate, reference: Any
+) -> Choice:
+    """A GPU target's one candidate: fp16 ONNX for the CUDA provider."""
+    folder = out_dir / "variants" / "fp16"
+    folder.mkdir(parents=True)
+    convert_fp16(fp32_dir / ONNX_FILE, folder / ONNX_FILE)
+    copy_missing_files(fp32_dir, folder)
+    candidates = [scored(scorer, folder, "fp16", reference, fp32, {})]
+    chosen, reason = choose(fp32, candidates, config.quantize.fallback_to_fp32)
+    gates = chosen.gates or scorer.gates(fp32, fp32)
+    return Choice(fp32, candidates, chosen, gates, "cuda_fp16", reason)
+
+
 def build_variants(
     config, fp32_dir: Path, out_dir: Path, scorer: VariantScorer, calibration: Callable[[], Any]
 ) -> Choice:
-    """Score fp32, then build and score each variant (fp16 for a GPU target), and choose."""
-    gpu = config.serve.device == "cuda"
-    isa = "cuda_fp16" if gpu else instruction_set()
+    """Score fp32, then build and score each variant (fp16 for a GPU target), search mixes
+    when the mixed-precision base fails, and choose."""
     fp32, reference = scorer.score(fp32_dir, "fp32", None)
-    candidates = []
-    for name in ["fp16"] if gpu else config.quantize.variants:
-        variant_dir = out_dir / "variants" / name
-        variant_dir.mkdir(parents=True)
-        if gpu:
-            convert_fp16(fp32_dir / ONNX_FILE, variant_dir / ONNX_FILE)
-        else:
-            quantize_variant(fp32_dir, variant_dir, name, isa, calibration)
-        copy_missing_files(fp32_dir, variant_dir)  # config, tokenizer: a loadable folder
-        candidate, _ = scorer.score(variant_dir, name, reference)
-        candidates.append(replace(candidate, gates=scorer.gates(candidate, fp32)))
+    if config.serve.device == "cuda":
+        return build_fp16(config, fp32_dir, out_dir, scorer, fp32, reference)
+    isa = instruction_set()
+    head = head_nodes(fp32_dir / ONNX_FILE, scorer.head_pattern)
+    builder = VariantBuilder(fp32_dir, out_dir, isa, head, calibration, config.quantize)
+    candidates = [
+        scored(scorer, builder.build(name, name), name, reference, fp32, head)
+        for name in config.quantize.variants
+    ]
+    mixes, ranked = search_mixes(builder, scorer, candidates, fp32, reference)
+    fp32, candidates = retimed(scorer, fp32_dir, fp32, candidates + mixes, config.serve)
     chosen, reason = choose(fp32, candidates, config.quantize.fallback_to_fp32)
     gates = chosen.gates or scorer.gates(fp32, fp32)
-    return Choice(fp32, candidates, chosen, gates, isa, reason)
+    base = config.quantize.mixed_precision_base if ranked else None
+    return Choice(fp32, candidates, chosen, gates, isa, reason, ranked, base)
+
+
+def retimed(
+    scorer: VariantScorer, fp32_dir: Path, fp32: Candidate, candidates: list[Candidate], serve
+) -> tuple[Candidate, list[Candidate]]:
+    """fp32 and the candidates passing their gates timed again side by side, one request each
+    in turn, so that the choice compares figures measured under the same machine load (each
+    candidate was first timed alone, minutes apart). Failing candidates keep their figures."""
+    passing = [c for c in candidates if c.passed]
+    if not passing:
+        return fp32, candidates
+    folders = [fp32_dir, *(Path(c.model_file).parent for c in passing)]
+    engines = [scorer.requests(folder) for folder in folders]
+    _, inputs, divisor = engines[0]
+    samples: list[list[float]] = [[] for _ in engines]
+    for i in range(serve.warmup_runs + max(20, serve.latency_runs // 2)):
+        for engine, times in zip(engines, samples, strict=True):
+            start = time.perf_counter()
+            engine[0](inputs[i % len(inputs)])
+            if i >= serve.warmup_runs:
+                times.append((time.perf_counter() - start) * 1000 / divisor)
+    p50 = {id(c): float(np.median(t)) for c, t in zip([fp32, *passing], samples, strict=True)}
+    return replace(fp32, p50_ms=p50[id(fp32)]), [
+        replace(c, p50_ms=p50[id(c)]) if id(c) in p50 else c for c in candidates
+    ]
+
+
+def search_mixes(
+    builder: VariantBuilder,
+    scorer: VariantScorer,
+    candidates: list[Candidate],
+    fp32: Candidate,
+    reference: Any,
+) -> tuple[list[Candidate], list[Sensitivity]]:
+    """When quantize.mixed_precision_base failed its gates: rank its nodes by sensitivity on
+    the probe rows, then score mixes keeping the 1, 2, 4, ... most sensitive units in fp32,
+    until one passes. Returns the mixes scored and the ranking (both empty: no search)."""
+    q = builder.quantize
+    base = next((c for c in candidates if c.name == q.mixed_precision_base), None)
+    if base is None or base.passed:
+        return [], []
+    probe_reference = scorer.probe(builder.fp32_dir)
+    ranked = measure_sensitivity(
+        builder, base.name, scorer.probe, probe_reference, q.sensitivity_max_units
+    )
+    mixes: list[Candidate] = []
+    for k in mix_sizes(len(ranked), q.mixed_max_mixes):
+        kept = kept_for_sensitivity(ranked, k, len(probe_reference))
+        name = f"mixed{k}_{base.name}"
+        folder = builder.build(name, base.name, exclude=list(kept))
+        mixes.append(scored(scorer, folder, name, reference, fp32, builder.head | kept))
+        if mixes[-1].passed:
+            break
+    return mixes, ranked
 
 
 def served_folder(out_dir: Path, model_file: str, fp32_dir: Path) -> Path:
@@ -172,21 +289,37 @@ def log_choice(run: TrackedRun, choice: Choice, scorer: VariantScorer) -> None:
             "quantize.instruction_set": choice.instruction_set,
             "quantize.variant": chosen.name,
             "quantize.reason": choice.reason[:5000],
+            "quantize.fp32_nodes": fp32_nodes_tag(chosen)[:5000],
         }
     )
+    run.log_json(choice_json(choice, latency), "quantized/choice.json")
+
+
+def fp32_nodes_tag(chosen: Candidate) -> str:
+    """The served graph's nodes left in fp32 and why, one `node: why` per line."""
+    if chosen.name == "fp32":
+        return "every node (fp32 served)"
+    return "\n".join(f"{node}: {why}" for node, why in chosen.kept_fp32.items()) or "none"
+
+
+def choice_json(choice: Choice, latency: str) -> dict:
+    """quantized/choice.json: every candidate's figures, gates and fp32 nodes, and the search."""
 
     def entry(c: Candidate) -> dict:
         return {"name": c.name, "model_file": c.model_file, **c.figures(latency)} | {
-            "gates": [g.as_dict() for g in c.gates]
+            "gates": [g.as_dict() for g in c.gates],
+            "kept_fp32": c.kept_fp32,
         }
 
-    run.log_json(
-        {
-            "chosen": chosen.name,
-            "reason": choice.reason,
-            "instruction_set": choice.instruction_set,
-            "fp32": entry(fp32) | {"gates": []},
-            "candidates": [entry(c) for c in choice.candidates],
+    return {
+        "chosen": choice.chosen.name,
+        "reason": choice.reason,
+        "instruction_set": choice.instruction_set,
+        "fp32_nodes": choice.chosen.kept_fp32,
+        "fp32": entry(choice.fp32) | {"gates": []},
+        "candidates": [entry(c) for c in choice.candidates],
+        "sensitivity": {
+            "base": choice.sensitivity_base,
+            "units": [s.as_dict() for s in choice.sensitivity],
         },
-        "quantized/choice.json",
-    )
+    }

@@ -1,0 +1,191 @@
+"""Fused fp32 graphs and sensitivity-guided mixed precision, on the tiny BERT's pipeline run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tasks.classification.data import label_names, load_split
+from tasks.classification.modeling import (
+    load_classifier,
+    predict_logits,
+    session_logits,
+)
+from tasks.classification.quantize import ClassifierScorer, probe_texts
+from tasks.common.config import QuantizeConfig
+from tasks.common.mixed_precision import kl_divergence, mix_sizes, units
+from tasks.common.models import load_tokenizer
+from tasks.common.onnx import (
+    ONNX_FILE,
+    calibrate,
+    graph_op_types,
+    instruction_set,
+    open_session,
+    rows_by_length,
+    weighted_nodes,
+)
+from tasks.common.quantization import build_variants, choice_json, fp32_nodes_tag
+
+FRAGILE = "/bert/encoder/layer.1/attention/output/dense/MatMul"
+
+
+def test_export_ships_a_fused_graph_that_matches_pytorch(run):
+    onnx_dir = run.fetch(run.onnx.model)
+    ops = graph_op_types(onnx_dir / ONNX_FILE)
+    layers = 2  # the tiny BERT's
+    assert ops.get("Attention") == layers
+    assert ops.get("SkipLayerNormalization") == 2 * layers
+    assert ops.get("BiasGelu", 0) + ops.get("FastGelu", 0) + ops.get("Gelu", 0) == layers
+    assert ops.get("EmbedLayerNormalization") == 1
+    assert "Softmax" not in ops and "Erf" not in ops  # the unfused pieces are gone
+    metrics = run.client.get_run(run.run_id).data.metrics
+    assert metrics["onnx/fused.Attention"] == layers
+    # the parity gate measured the fused graph: recompute it here
+    texts = load_split(run.stage, run.data, "test")["text"]
+    tokenizer = load_tokenizer(run.config.model)
+    merged = load_classifier(str(run.fetch(run.merged.model)), label_names(run.stage, run.data))
+    torch_logits = predict_logits(merged, tokenizer, texts, run.config.data.max_length)
+    session = open_session(onnx_dir / ONNX_FILE)
+    onnx_logits = session_logits(session, tokenizer, texts, run.config.data.max_length)
+    diff = float(np.max(np.abs(onnx_logits - torch_logits)))
+    assert diff <= 1e-4
+    assert np.array_equal(onnx_logits.argmax(-1), torch_logits.argmax(-1))
+    parity = next(g for g in run.onnx.gates if g.name == "onnx_parity_max_abs_diff")
+    assert parity.passed and parity.value == pytest.approx(diff, abs=2e-6)
+
+
+def make_fragile(src, dst) -> None:
+    """dst: src's fused graph with one MatMul that int8 breaks and fp32 does not notice.
+
+    Channel 0 of layer 1's attention context (its value projection) is scaled by 1e-3 and the
+    matching input row of the attention output MatMul by 1e3: the same function in fp32, but
+    each int8 weight column's scale is then set by that one huge row, so every other weight of
+    the MatMul rounds to zero."""
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / ONNX_FILE))
+    graph, weights = model.graph, {i.name: i for i in model.graph.initializer}
+    attention = next(n for n in graph.node if n.op_type == "Attention" and n.name.endswith("_1"))
+    matmul = next(n for n in graph.node if n.name == FRAGILE)
+    hidden = numpy_helper.to_array(weights[matmul.input[1]]).shape[0]
+
+    def scale(name: str, index, factor: float) -> None:
+        array = numpy_helper.to_array(weights[name]).copy()
+        array[index] *= factor
+        weights[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    scale(attention.input[1], (slice(None), 2 * hidden), 1e-3)  # V column 0 of packed QKV
+    scale(attention.input[2], 2 * hidden, 1e-3)  # its bias
+    scale(matmul.input[1], 0, 1e3)  # the output projection's input row 0
+    onnx.save(model, str(dst / ONNX_FILE))
+
+
+def test_the_fragile_matmul_is_kept_in_fp32_and_the_mix_passes(run, tmp_path):
+    config = run.config.model_copy(
+        update={
+            "quantize": run.config.quantize.model_copy(update={"variants": ["dynamic_per_channel"]})
+        }
+    )
+    fp32_dir = tmp_path / "fp32"
+    make_fragile(run.fetch(run.onnx.model), fp32_dir)
+    scorer = ClassifierScorer(
+        config,
+        load_tokenizer(config.model),
+        load_split(run.stage, run.data, "test"),
+        probe_texts(run.stage, run.data, config.quantize.sensitivity_probe_samples),
+    )
+    fp32_logits = scorer.probe(run.fetch(run.onnx.model))
+    assert kl_divergence(fp32_logits, scorer.probe(fp32_dir)) < 1e-8  # same function in fp32
+
+    choice = build_variants(config, fp32_dir, tmp_path / "out", scorer, calibration=lambda: None)
+
+    plain, *mixes = choice.candidates
+    assert plain.name == "dynamic_per_channel" and not plain.passed
+    assert choice.sensitivity_base == "dynamic_per_channel"
+    top = choice.sensitivity[0]
+    assert top.nodes == (FRAGILE,)
+    assert top.divergence > 10 * choice.sensitivity[1].divergence
+    assert mixes and mixes[-1].passed and all(not m.passed for m in mixes[:-1])
+    passing = mixes[-1]
+    assert FRAGILE in passing.kept_fp32
+    assert passing.kept_fp32[FRAGILE].startswith("sensitivity rank 1 of ")
+    assert all(g.passed for g in passing.gates)
+    assert passing.scores["top1_agreement"] >= config.quantize.min_top1_agreement
+    # the head is never int8, in every candidate
+    head = [
+        n
+        for n, _ in weighted_nodes(fp32_dir / ONNX_FILE, ["MatMul", "Gemm"])
+        if "/pooler/" in n or "classifier" in n
+    ]
+    assert head and all(n in c.kept_fp32 for c in choice.candidates for n in head)
+    # the mix's graph has the fragile MatMul in fp32 and the rest in int8
+    ops = {n.name: n.op_type for n in onnx.load(passing.model_file).graph.node}
+    assert ops[FRAGILE] == "MatMul"
+    assert graph_op_types(passing.model_file).get("QAttention") == 2
+    record = choice_json(choice, "p50_ms")
+    assert record["sensitivity"]["units"][0] == {
+        "nodes": [FRAGILE],
+        "kl_divergence": top.divergence,
+    }
+    assert json.loads(json.dumps(record))["candidates"][-1]["kept_fp32"] == passing.kept_fp32
+    if choice.chosen is passing:  # int8 beats fp32 at batch 1 only on a quiet machine
+        assert FRAGILE in fp32_nodes_tag(choice.chosen)
+
+
+def test_search_bounds():
+    assert mix_sizes(19, 4) == [1, 2, 4, 8]
+    assert mix_sizes(3, 4) == [1, 2, 3]
+    assert mix_sizes(1, 4) == [1]
+    nodes = [f"n{i}" for i in range(10)]
+    assert units(nodes, 24) == [(n,) for n in nodes]
+    assert units(nodes, 4) == [("n0", "n1", "n2"), ("n3", "n4", "n5"), ("n6", "n7", "n8"), ("n9",)]
+
+
+def test_kl_divergence_values():
+    logits = np.log(np.array([[0.5, 0.5], [0.9, 0.1]]))
+    assert kl_divergence(logits, logits) == pytest.approx(0.0, abs=1e-12)
+    flipped = logits[:, ::-1]
+    expected = (0.0 + (0.9 * np.log(9) + 0.1 * np.log(1 / 9))) / 2
+    assert kl_divergence(logits, flipped) == pytest.approx(expected)
+
+
+def test_calibration_rows_are_grouped_by_length_never_padded():
+    rows = [
+        {"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]},
+        {"input_ids": [4, 5], "attention_mask": [1, 1]},
+        {"input_ids": [6, 7, 8], "attention_mask": [1, 1, 1]},
+    ]
+    groups = rows_by_length(rows)
+    assert [len(g) for g in groups] == [1, 2]
+    assert groups[0][0]["input_ids"].tolist() == [[4, 5]]
+    assert groups[1][1]["input_ids"].dtype == np.int64
+    assert groups[1][1]["input_ids"].tolist() == [[6, 7, 8]]
+
+
+def test_static_percentile_calibration_on_the_fused_graph(run, tmp_path):
+    train = load_split(run.stage, run.data, "train")
+    rows = train.select(range(48)).select_columns(["input_ids", "attention_mask", "token_type_ids"])
+    fp32_dir = run.fetch(run.onnx.model)
+    isa = instruction_set()
+    percentile = calibrate(fp32_dir, tmp_path, "static_per_channel", isa, rows, "percentile", 99.0)
+    minmax = calibrate(fp32_dir, tmp_path, "static_per_channel", isa, rows, "minmax")
+    assert set(percentile.keys()) == set(minmax.keys()) and len(minmax.keys()) > 10
+
+    def width(ranges, tensor) -> float:
+        low, high = ranges[tensor].range_value
+        return float(np.max(high) - np.min(low))
+
+    widths = [(width(minmax, t), width(percentile, t)) for t in minmax.keys()]
+    assert all(p <= m * 1.01 + 1e-6 for m, p in widths)  # percentiles clip the tails
+    assert sum(p < 0.99 * m for m, p in widths) > len(widths) // 2
+    assert not (tmp_path / "augmented_model.onnx").exists()
+
+
+def test_mixed_precision_base_must_be_a_variant():
+    with pytest.raises(ValueError, match="mixed_precision_base 'dynamic_per_channel' is not one"):
+        QuantizeConfig(variants=["static_per_channel"])
+    assert QuantizeConfig(variants=["static_per_channel"], mixed_precision_base=None)
