@@ -1,13 +1,20 @@
-"""Serving goals on this CPU: quantized ONNX vs PyTorch fp32 eager, measured in one run.
+"""Serving goals on this CPU: the served ONNX model vs PyTorch fp32 eager and bf16, in one run.
 
 Trains the default pipeline's model (temporary MLflow store), exports and quantizes it with
-the quantize stage (which keeps the fastest variant that passes the gates), then times both
-engines one after the other with the same thread count and prints the ratios the goals use:
+the quantize stage (which keeps the fastest variant that passes the gates), then times every
+engine one after the other with the same thread count: onnxruntime (the served variant),
+PyTorch fp32 eager and, on a CPU with bf16 matrix kernels (AMX-BF16, AVX512-BF16), PyTorch
+under bf16 autocast, the strongest PyTorch peer there. It prints the ratios the goals use:
 
-    batch-1 p50 latency ratio (ONNX / PyTorch)      goal <= 0.333
-    batch-32 throughput ratio (ONNX / PyTorch)      goal >= 2.5
-    accuracy drop (fp32 ONNX - served, points)      goal <= 0.5
-    served model file size / fp32 ONNX size         goal <= 0.30
+    batch-1 p50 latency ratio (ONNX / PyTorch fp32)     goal <= 0.125
+    batch-1 p50 latency ratio (ONNX / PyTorch bf16)     goal <= 0.25
+    batch-32 throughput ratio (ONNX / PyTorch fp32)     goal >= 4
+    batch-32 throughput ratio (ONNX / PyTorch bf16)     goal >= 2
+    accuracy drop (fp32 ONNX - served, points)          goal <= 0.5
+    served model file size / fp32 ONNX size             goal <= 0.30
+
+and the physical limit: the model's FLOPs per token and the share of this CPU's dense fp32 and
+bf16 peak that batch-32 serving reaches (real tokens only: padding is not counted as work).
 
     .venv/bin/python benchmarks/serving.py [--runs 200] [--set KEY=VALUE ...]
 """
@@ -26,8 +33,10 @@ from tasks.classification.data import label_names, load_split
 from tasks.classification.modeling import load_classifier
 from tasks.classification.serve_check import time_engines
 from tasks.common.config import load_config
+from tasks.common.hardware import flops_per_token, peak_flops
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import ONNX_FILE, SERVED_FILE, open_session
+from tasks.common.plots import ENGINES
 from tasks.common.stage import StageContext
 from tasks.common.tracking import Tracking, start_pipeline_run
 
@@ -69,8 +78,6 @@ def main() -> None:
 
     fp32_mb = (stage.fetch(onnx.model) / ONNX_FILE).stat().st_size / 2**20
     served_mb = (stage.fetch(quantized.model) / SERVED_FILE).stat().st_size / 2**20
-    latency_ratio = t["serve/onnx.batch1_p50_ms"] / t["serve/torch.batch1_p50_ms"]
-    throughput_ratio = t["serve/onnx.batch32_per_second"] / t["serve/torch.batch32_per_second"]
     drop_points = 100 * (quantized.fp32_score - quantized.served_score)
 
     print(f"\nserved variant: {quantized.variant} ({quantized.reason}); threads: {threads}")
@@ -83,24 +90,70 @@ def main() -> None:
             f"{c.size_mb:>8.1f}{'pass' if c.passed else 'FAIL':>7}"
         )
     print(
-        f"\n{'engine':<10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'p50+tok':>9}"
+        f"\n{'engine':<12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'p50+tok':>9}"
         f"{'b8/s':>9}{'b32/s':>9}{'b32+tok/s':>11}"
     )
-    for engine in ("onnx", "torch"):
+    engines = [e for e in ENGINES if f"serve/{e}.batch1_p50_ms" in t]
+    for engine in engines:
         e = {
             k.removeprefix(f"serve/{engine}."): v
             for k, v in t.items()
             if k.startswith(f"serve/{engine}.")
         }
         print(
-            f"{engine:<10}{e['batch1_p50_ms']:>9.2f}{e['batch1_p95_ms']:>9.2f}{e['batch1_p99_ms']:>9.2f}"
-            f"{e['batch1_p50_ms_with_tokenizer']:>9.2f}{e['batch8_per_second']:>9.0f}"
-            f"{e['batch32_per_second']:>9.0f}{e['batch32_per_second_with_tokenizer']:>11.0f}"
+            f"{engine:<12}{e['batch1_p50_ms']:>9.2f}{e['batch1_p95_ms']:>9.2f}"
+            f"{e['batch1_p99_ms']:>9.2f}{e['batch1_p50_ms_with_tokenizer']:>9.2f}"
+            f"{e['batch8_per_second']:>9.0f}{e['batch32_per_second']:>9.0f}"
+            f"{e['batch32_per_second_with_tokenizer']:>11.0f}"
         )
-    print(f"\nbatch1_p50_latency_ratio = {latency_ratio:.3f}  (goal <= 0.333)")
-    print(f"batch32_throughput_ratio = {throughput_ratio:.2f}  (goal >= 2.5)")
+    print()
+    for peer, goal_latency, goal_throughput in (("torch", 0.125, 4), ("torch_bf16", 0.25, 2)):
+        if peer not in engines:
+            print(f"{peer}: not timed (this CPU has no bf16 matrix kernels)")
+            continue
+        latency_ratio = t["serve/onnx.batch1_p50_ms"] / t[f"serve/{peer}.batch1_p50_ms"]
+        throughput_ratio = (
+            t["serve/onnx.batch32_per_second"] / t[f"serve/{peer}.batch32_per_second"]
+        )
+        print(f"batch1_p50_latency_ratio vs {peer} = {latency_ratio:.3f}  (goal <= {goal_latency})")
+        print(
+            f"batch32_throughput_ratio vs {peer} = {throughput_ratio:.2f}"
+            f"  (goal >= {goal_throughput})"
+        )
     print(f"accuracy_drop_points = {drop_points:.2f}  (goal <= 0.5)")
     print(f"model_size_ratio = {served_mb / fp32_mb:.3f}  (goal <= 0.30)")
+    print_physical_limit(torch_model, load_tokenizer(config.model), texts, t, engines, config)
+
+
+def print_physical_limit(model, tokenizer, texts, timings, engines, config) -> None:
+    """FLOPs per token at the test split's mean length, and the share of the CPU's peak that
+    each engine's batch-32 throughput reaches."""
+    lengths = [
+        len(ids)
+        for ids in tokenizer(list(texts), truncation=True, max_length=config.data.max_length)[
+            "input_ids"
+        ]
+    ]
+    mean_len = sum(lengths) / len(lengths)
+    per_token = flops_per_token(model, mean_len)
+    peak = peak_flops()
+    print(
+        f"\nphysical limit: {per_token / 1e6:.1f} MFLOP per token (forward, mean length "
+        f"{mean_len:.0f}); this CPU: {peak.cores} cores at {peak.clock_ghz} GHz, dense peak "
+        f"fp32 {fmt_flops(peak.fp32)}, bf16 {fmt_flops(peak.bf16)}, int8 {fmt_flops(peak.int8)}"
+    )
+    for engine in engines:
+        achieved = timings[f"serve/{engine}.batch32_per_second"] * mean_len * per_token
+        shares = ", ".join(
+            f"{share:.1%} of {p} peak"
+            for p in ("fp32", "bf16", "int8")
+            if (share := peak.share(achieved, p)) is not None
+        )
+        print(f"  {engine:<12} batch 32: {fmt_flops(achieved)}  ({shares})")
+
+
+def fmt_flops(value: float | None) -> str:
+    return "unknown" if value is None else f"{value / 1e9:.0f} GFLOP/s"
 
 
 if __name__ == "__main__":

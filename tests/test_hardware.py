@@ -39,9 +39,12 @@ def test_peak_flops_from_clock_cores_and_instructions(monkeypatch):
     assert (amx.cores, amx.clock_ghz) == (2, 2.6)
     assert amx.fp32 == pytest.approx(2 * 2.6e9 * 64)  # AVX-512: 2 FMA ports x 16 fp32 x 2
     assert amx.bf16 == pytest.approx(2 * 2.6e9 * 1024)  # AMX tiles
+    assert amx.int8 == pytest.approx(2 * 2.6e9 * 2048)  # AMX-INT8
     assert amx.share(amx.fp32 / 4, "fp32") == pytest.approx(0.25)
+    assert amx.share(amx.int8 / 2, "int8") == pytest.approx(0.5)
     avx512 = peak_flops(cpuinfo=SKYLAKE)
     assert avx512.fp32 == pytest.approx(2 * 3.0e9 * 64) and avx512.bf16 is None
+    assert avx512.int8 is None  # no VNNI: no int8 peak claimed
     assert avx512.share(1e9, "bf16") is None
     unknown = peak_flops(cpuinfo="")
     assert unknown.fp32 is None and unknown.share(1e9, "fp32") is None

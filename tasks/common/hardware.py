@@ -20,6 +20,8 @@ CPUINFO = Path("/proc/cpuinfo")
 # 32 fp32 multiply-adds, AVX2 16; AVX512-BF16 (vdpbf16ps) 64 bf16 ones; an AMX tile unit 512.
 FP32_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32}
 BF16_FLOPS_PER_CYCLE = {"amx_bf16": 1024, "avx512_bf16": 128}
+# int8 multiply-adds x 2 per cycle per core: AMX-INT8 tiles, AVX-512 VNNI (vpdpbusd on 2 ports)
+INT8_OPS_PER_CYCLE = {"amx_int8": 2048, "avx512_vnni": 256}
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -65,15 +67,16 @@ class PeakFlops:
     clock_ghz: float | None
     fp32: float | None
     bf16: float | None
+    int8: float | None = None
 
     def share(self, flops_per_second: float, precision: str) -> float | None:
-        """The share of the peak (fp32 or bf16) that a measured FLOP/s reaches."""
-        peak = self.bf16 if precision == "bf16" else self.fp32
+        """The share of the peak (fp32, bf16 or int8) that a measured (FL)OP/s reaches."""
+        peak = {"bf16": self.bf16, "int8": self.int8}.get(precision, self.fp32)
         return flops_per_second / peak if peak else None
 
 
 def peak_flops(flags: set[str] | None = None, cpuinfo: str | None = None) -> PeakFlops:
-    """Cores x clock x per-cycle FLOPs of the best fp32 and bf16 instructions the CPU has."""
+    """Cores x clock x per-cycle FLOPs of the best fp32, bf16 and int8 instructions it has."""
     flags = cpu_flags(cpuinfo) if flags is None else flags
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     clock = cpu_clock_ghz(cpuinfo)
@@ -82,7 +85,13 @@ def peak_flops(flags: set[str] | None = None, cpuinfo: str | None = None) -> Pea
         per_cycle = next((n for name, n in table.items() if name in flags), None)
         return cores * clock * 1e9 * per_cycle if per_cycle and clock else None
 
-    return PeakFlops(cores or 1, clock, peak(FP32_FLOPS_PER_CYCLE), peak(BF16_FLOPS_PER_CYCLE))
+    return PeakFlops(
+        cores or 1,
+        clock,
+        peak(FP32_FLOPS_PER_CYCLE),
+        peak(BF16_FLOPS_PER_CYCLE),
+        peak(INT8_OPS_PER_CYCLE),
+    )
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: float, training: bool = False) -> float:
