@@ -81,6 +81,12 @@ def test_a_setting_of_another_task_is_refused_unless_it_repeats_the_default(tmp_
     assert str(err.value).endswith(
         ": data.text_column is not used by task causal_lm (settings of another task): remove it"
     )
+    with pytest.raises(ConfigError) as err:  # static calibration: classification only
+        load_config(causal, ["quantize.calibration_method=entropy"])
+    assert str(err.value).endswith(
+        ": quantize.calibration_method is not used by task causal_lm "
+        "(settings of another task): remove it"
+    )
     dumped = tmp_path / "resolved.yaml"  # what every run logs as config/resolved.yaml
     dumped.write_text(yaml.safe_dump(load_config(causal).model_dump(mode="json")))
     assert load_config(dumped) == load_config(causal)

@@ -106,6 +106,10 @@ def test_register_sets_aliases_and_gate_tags(run):
     tags = run.client.get_model_version("tiny-classifier", "1").tags
     assert tags["gate.merge_parity_max_abs_diff"].startswith("passed")
     assert tags["run_id"] == run.run_id and tags["onnx.variant"] == run.quantized.variant
+    if run.quantized.variant != "fp32":  # the head stays fp32 in every int8 variant
+        assert "classifier" in tags["quantize.fp32_nodes"]
+    else:
+        assert tags["quantize.fp32_nodes"] == "every node"
     report = json.loads(run.text("promotion/report.json"))
     assert report["promoted"] is True and len(report["gates"]) == 5
     assert "Production moved:** yes" in run.text("promotion/report.md")

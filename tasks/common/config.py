@@ -555,6 +555,8 @@ TASK_SETTINGS = {
             ("quantize", "min_top1_agreement"),
             ("quantize", "max_accuracy_drop"),
             ("quantize", "calibration_samples"),
+            ("quantize", "calibration_method"),
+            ("quantize", "calibration_percentile"),
             ("serve", "throughput_batch_sizes"),
         ),
     ),

@@ -26,6 +26,7 @@ from tasks.common.champion import Comparison
 from tasks.common.errors import GateFailed
 from tasks.common.faults import kill_point
 from tasks.common.gates import Gate
+from tasks.common.quantization import fp32_nodes_tag
 from tasks.common.registry import (
     CHALLENGER,
     PRODUCTION,
@@ -85,11 +86,14 @@ def log_serving_model(stage: StageContext, kind: TaskKind, facts: dict) -> tuple
 
 def version_tags(stage, served: ServeReport, quantized: QuantizedModel, data) -> dict[str, str]:
     tags = {f"served.{k}": f"{v:.4f}" for k, v in served.metrics.items()}
+    chosen = next((c for c in quantized.candidates if c.name == quantized.variant), None)
     return tags | {
         "run_id": stage.run_id,
         "task": stage.config.task,
         "serve.provider": served.provider,
         "onnx.variant": quantized.variant,
+        # the served graph's nodes left in fp32 and why (the head, a mixed-precision search)
+        "quantize.fp32_nodes": fp32_nodes_tag(chosen)[:5000] if chosen else "every node",
         "data.content_sha256": data.content_sha256,
     }
 
