@@ -112,3 +112,19 @@ def test_speedups_against_each_peer_that_was_timed():
     timings |= {"serve/torch_bf16.batch1_p50_ms": 5.0, "serve/torch_bf16.batch32_per_second": 400.0}
     assert speedups(timings, [32])["serve/speedup_vs_bf16.batch1_p50"] == 2.5
     assert speedups(timings, [32])["serve/speedup_vs_bf16.batch32_throughput"] == 2.0
+
+
+def test_fp32_after_bf16_in_one_process_trains_in_fp32(tmp_path, tiny_bert):
+    """TrainingArguments keeps a stale ACCELERATE_MIXED_PRECISION=bf16 from an earlier bf16
+    training; ours sets it for every training, so fp32 means fp32 (and ranks inherit it)."""
+    from transformers import Trainer
+
+    model, _ = build_lora_model(
+        ModelConfig(name_or_path=str(tiny_bert)), LoraSection(r=2), ["a", "b"]
+    )
+    config = PipelineConfig.model_validate({"data": {"path": "unused.csv"}})
+    training_arguments(config, tmp_path / "bf16", "cpu", "bf16", evaluate=False)
+    args = training_arguments(config, tmp_path / "fp32", "cpu", "fp32", evaluate=False)
+    assert Trainer(model=model, args=args).accelerator.mixed_precision == "no"
+    args = training_arguments(config, tmp_path / "bf16", "cpu", "bf16", evaluate=False)
+    assert Trainer(model=model, args=args).accelerator.mixed_precision == "bf16"

@@ -220,6 +220,9 @@ def sharding(config: PipelineConfig, device: str) -> dict[str, Any]:
     }
 
 
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16"}  # precision -> accelerate's name ("no")
+
+
 def training_arguments(
     config: PipelineConfig, out_dir: Path, device: str, precision: str, evaluate: bool = True
 ):
@@ -227,6 +230,10 @@ def training_arguments(
     train.batch_size is the global batch: each process takes batch / (world x accumulation)."""
     train = config.train
     every = train.checkpoint_steps
+    # TrainingArguments reads ACCELERATE_MIXED_PRECISION and writes it only for bf16/fp16: a
+    # bf16 training earlier in this process (or in the parent of a rank) would leave an fp32
+    # one running under bf16 autocast. Say what this one wants.
+    os.environ["ACCELERATE_MIXED_PRECISION"] = MIXED_PRECISION.get(precision, "no")
     return TrainingArguments(
         output_dir=str(out_dir),
         num_train_epochs=train.epochs,
