@@ -32,6 +32,7 @@ from tasks.records import (
     ServeReport,
     TrainedAdapter,
 )
+from tasks.search.space import label
 
 # Third-party messages that tell a user of the CLI nothing (shown with -v): logger -> pattern
 CHATTER = {
@@ -86,6 +87,11 @@ def _trained(record: TrainedAdapter, config: PipelineConfig) -> str:
     )
 
 
+def _searched(record: TrainedAdapter, config: PipelineConfig) -> str:
+    chosen = ", ".join(f"{k} {label(v)}" for k, v in record.chosen.items())
+    return f"best trial: {chosen}; {_trained(record, config)}"
+
+
 def _evaluated(record: Evaluation, config: PipelineConfig) -> str:
     metric = config.registry.metric
     text = f"test {metric} {record.metrics.get(metric, float('nan')):.3f}"
@@ -128,6 +134,7 @@ def _registered(record: Registration, config: PipelineConfig) -> str:
 
 SUMMARIES: dict[str, Callable] = {
     "prepare_data": _prepared,
+    "search": _searched,
     "train_lora": _trained,
     "evaluate": _evaluated,
     "merge": _merged,

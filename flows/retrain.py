@@ -15,6 +15,7 @@ from prefect.states import Completed
 
 from flows import console
 from flows.flow_run import cancel_training_runs, label_flow_run, tag_flow_run
+from flows.search import trials_on_deployment
 from flows.train import train_on_deployment
 from tasks import stages
 from tasks.common.config import PipelineConfig, load_config
@@ -37,6 +38,7 @@ from tasks.records import (
     ServeReport,
     TrainedAdapter,
 )
+from tasks.search.space import with_values
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,17 @@ class Stage:
     output: str
     record: type
     inputs: tuple[str, ...]
+    runs: Callable[[PipelineConfig], bool] = lambda config: True  # whether it runs for config
+
+
+def searching(config: PipelineConfig) -> bool:
+    return config.search.enabled
 
 
 STAGES = (
     Stage("prepare_data", "data", PreparedData, ()),
-    Stage("train_lora", "trained", TrainedAdapter, ("data",)),
+    Stage("search", "trained", TrainedAdapter, ("data",), searching),
+    Stage("train_lora", "trained", TrainedAdapter, ("data",), lambda c: not searching(c)),
     Stage("evaluate", "evaluation", Evaluation, ("data", "trained")),
     Stage("merge", "merged", MergedModel, ("data", "trained")),
     Stage("export_onnx", "onnx", OnnxModel, ("data", "merged")),
@@ -93,11 +101,19 @@ def train_task(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
     return stages.train_lora_task(config, data, run_id)
 
 
+def search_task(config: PipelineConfig, data: PreparedData, run_id: str) -> TrainedAdapter:
+    """Trials in this process, or as `lora-train` flow runs on `train.deployment`."""
+    if config.train.deployment:
+        return stages.search_task(config, data, run_id, run_trials=trials_on_deployment)
+    return stages.search_task(config, data, run_id)
+
+
 def stage_function(name: str, as_tasks: bool) -> Callable:
     """The stage as a Prefect task (training maybe on its deployment), or as a plain function."""
     if not as_tasks:
         return getattr(stages, name)
-    return train_task if name == "train_lora" else getattr(stages, f"{name}_task")
+    placed = {"train_lora": train_task, "search": search_task}
+    return placed.get(name) or getattr(stages, f"{name}_task")
 
 
 def run_stages(
@@ -112,7 +128,7 @@ def run_stages(
     before each stage (the lease check: stop if another process took the run over). With
     records, a stage that already finished in this run is not run again: its record is used."""
     out = PipelineOutputs()
-    chosen = STAGES[: STAGE_NAMES.index(until) + 1]
+    chosen = [stage for stage in STAGES[: STAGE_NAMES.index(until) + 1] if stage.runs(config)]
     for number, stage in enumerate(chosen, start=1):
         kill_point(f"before:{stage.name}")
         if between is not None:
@@ -127,6 +143,8 @@ def run_stages(
                 records.save(stage.name, result)
         console.stage_finished(stage.name, result, time.perf_counter() - start, reused is not None)
         out = replace(out, **{stage.output: result})
+        if getattr(result, "chosen", None):  # a search's winning values hold from here on
+            config = with_values(config, result.chosen)
     return out
 
 

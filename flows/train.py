@@ -27,7 +27,7 @@ from tasks.common.errors import ConfigError, TrainingError
 from tasks.common.storage import run_folder, tidy
 from tasks.common.tracking import ArtifactRef, Tracking, prefect_flow_run_id
 from tasks.records import PreparedData, TrainedAdapter
-from tasks.stages import train_lora_task
+from tasks.stages import run_trial_task, train_lora_task
 
 # Where the training flow writes on its worker. Unset: the config's output_dir. A folder
 # other than the pipeline's makes the worker download its inputs from the artifact store.
@@ -77,6 +77,7 @@ def trained_from_record(record: dict[str, Any], run_id: str, output_dir: str) ->
         trainable_params=int(record["trainable_params"]),
         total_params=int(record["total_params"]),
         global_steps=int(record["global_steps"]),
+        chosen=dict(record.get("chosen", {})),
     )
 
 
@@ -93,12 +94,18 @@ def _require_run(tracking: Tracking, run_id: str) -> None:
 
 @flow(name="lora-train", log_prints=True)
 def train_flow(
-    run_id: str, config: dict[str, Any], data: dict[str, Any], output_dir: str | None = None
+    run_id: str,
+    config: dict[str, Any],
+    data: dict[str, Any],
+    output_dir: str | None = None,
+    trial: bool = False,
 ) -> dict[str, Any]:
     """Train a LoRA adapter for the pipeline's MLflow run `run_id`; return the training record.
 
     `config` is the resolved pipeline config, `data` the plain values of PreparedData.
     `output_dir` (else $LORA_TRAIN_OUTPUT_DIR, else the config's) is this worker's folder.
+    With `trial`, run one trial of the run's search instead (tasks/search/trial.py) and return
+    how it ended.
     """
     pipeline_config = config_from_dict(config, source="lora-train parameter `config`")
     load_credentials(pipeline_config.tracking)
@@ -107,6 +114,11 @@ def train_flow(
     tracking = Tracking.connect(pipeline_config.tracking)
     _require_run(tracking, run_id)
     prepared = data_from_parameters(data, run_id, local_dir)
+    if trial:
+        with tags(GPU_TAG):
+            outcome = run_trial_task(pipeline_config, prepared, run_id)
+        tidy(pipeline_config, run_folder(pipeline_config, run_id))
+        return asdict(outcome)
     with tags(GPU_TAG):  # this flow is what the gpu pool runs: its task says so
         trained = train_lora_task(pipeline_config, prepared, run_id)
     flow_run_id = prefect_flow_run_id()

@@ -44,6 +44,10 @@ class TaskKind(Protocol):
         """The LoRA model (and any new head), tokenizer, collator and metrics to train, from
         the folder prepare_data logged. Every rank of a distributed run builds its own."""
 
+    def search_objective(self, config: PipelineConfig) -> tuple[str, str]:
+        """The validation metric a search trial is scored on (a key of the Trainer's
+        evaluation, without eval_) and its direction, maximize or minimize."""
+
     def evaluate(
         self, stage: StageContext, data: PreparedData, trained: TrainedAdapter
     ) -> Evaluation:

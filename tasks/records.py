@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tasks.common.champion import Comparison
 from tasks.common.gates import Gate
@@ -37,6 +38,7 @@ class TrainedAdapter:
     trainable_params: int
     total_params: int
     global_steps: int
+    chosen: dict[str, Any] = field(default_factory=dict)  # a search's winning values, if any
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ from tasks.records import (
     TrainedAdapter,
 )
 from tasks.register.transaction import register as register_version
+from tasks.search.stage import TrialRunner
+from tasks.search.stage import search as run_search
+from tasks.search.trial import run_trial
 from tasks.train_adapter import train_adapter
 
 
@@ -47,6 +50,18 @@ def train_lora(config: PipelineConfig, data: PreparedData, run_id: str) -> Train
         trained = train_adapter(stage, data)
     tidy(config, checkpoint_dir(config, run_id))  # the adapter is logged: resume needs none
     return trained
+
+
+def search(
+    config: PipelineConfig,
+    data: PreparedData,
+    run_id: str,
+    run_trials: TrialRunner | None = None,
+) -> TrainedAdapter:
+    """Search training settings (Optuna) and adopt the best trial's adapter (stage 2, in
+    place of train_lora when search.enabled)."""
+    with open_stage(config, run_id, "search") as stage:
+        return run_search(stage, data, run_trials)
 
 
 def evaluate(
@@ -126,6 +141,8 @@ def stage_task(fn: Callable, *, name: str, retries: int = 1):
 
 prepare_data_task = stage_task(prepare_data, name="prepare-data", retries=2)
 train_lora_task = stage_task(train_lora, name="train-lora", retries=1)
+search_task = stage_task(search, name="search", retries=1)
+run_trial_task = stage_task(run_trial, name="search-trial", retries=0)  # on the gpu pool
 evaluate_task = stage_task(evaluate, name="evaluate", retries=2)
 merge_task = stage_task(merge, name="merge", retries=1)
 export_onnx_task = stage_task(export_onnx, name="export-onnx", retries=1)

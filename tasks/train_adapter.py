@@ -13,17 +13,19 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from datasets import load_from_disk
+from datasets import DatasetDict, load_from_disk
 from torch.distributed.elastic.multiprocessing.errors import record
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.utils import logging as hf_logging
 
 from tasks.common.config import PipelineConfig, config_from_dict
 from tasks.common.console import log_to_stderr
 from tasks.common.distributed import is_distributed, launch
+from tasks.common.errors import TrainingError
 from tasks.common.processes import watch
 from tasks.common.stage import StageContext
 from tasks.common.tracking import ArtifactRef, TrackedRun, Tracking
@@ -32,15 +34,24 @@ from tasks.kinds import kind_of
 from tasks.records import PreparedData, TrainedAdapter
 
 ADAPTER_RECORD = "train/adapter.json"  # how the adapter was trained, logged by rank 0
+TRAINING_SPLITS = ("train", "validation")
 
 
-def train_adapter(stage: StageContext, data: PreparedData) -> TrainedAdapter:
-    """Train LoRA (and any new head) on the training split; the adapter is logged to the run."""
+def train_adapter(
+    stage: StageContext, data: PreparedData, callbacks: Sequence[TrainerCallback] = ()
+) -> TrainedAdapter:
+    """Train LoRA (and any new head) on the training split; the adapter is logged to the run.
+    `callbacks` (a search trial's pruner) join the Trainer when it trains in this process."""
     config, started = stage.config, time.time()
     data_dir = stage.fetch(data.dataset)  # once per node, before any rank starts
     adapter_dir = stage.stage_dir("adapter")
     if not is_distributed(config):
-        return train_and_log(config, stage.run, data_dir, adapter_dir, started)
+        return train_and_log(config, stage.run, data_dir, adapter_dir, started, callbacks=callbacks)
+    if callbacks:
+        raise TrainingError(
+            "a search trial with train.distributed trains its ranks in other processes, which "
+            "cannot report to the pruner: use search.pruner none with train.distributed"
+        )
     spec = {
         "config": config.model_dump(mode="json"),
         "run_id": stage.run_id,
@@ -66,13 +77,14 @@ def train_and_log(
     adapter_dir: Path,
     stage_started: float,
     record: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainedAdapter | None:
     """Train on this process; with a run (rank 0, or training alone) log the adapter folder,
     and with `record` its record for the launchers. None on the other ranks."""
     set_seed(config.train.seed)  # before the setup: LoRA and head init draw from it
     setup = kind_of(config).training_setup(config, data_dir)
-    dataset = load_from_disk(str(data_dir / "tokenized"))
-    result = fit(config, run, setup, dataset, adapter_dir, stage_started)
+    dataset = training_splits(data_dir / "tokenized")
+    result = fit(config, run, setup, dataset, adapter_dir, stage_started, callbacks)
     if run is None:
         return None
     ref = run.log_folder(adapter_dir, "adapter")
@@ -80,6 +92,14 @@ def train_and_log(
         logged = {**asdict(result), "adapter_artifact_path": ref.artifact_path}
         run.log_json(logged, ADAPTER_RECORD)
     return TrainedAdapter(adapter=ref, **asdict(result))
+
+
+def training_splits(folder: Path) -> DatasetDict:
+    """The train and validation splits of a saved DatasetDict: training never opens test."""
+    names = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+    return DatasetDict(
+        {name: load_from_disk(str(folder / name)) for name in TRAINING_SPLITS if name in names}
+    )
 
 
 def adapter_from_record(logged: dict, run_id: str, adapter_dir: Path) -> TrainedAdapter:

@@ -18,7 +18,7 @@ from tasks.causal.serving import (
     signature,
     summary,
 )
-from tasks.causal.train import training_setup
+from tasks.causal.train import search_objective, training_setup
 
 NAME = "causal_lm"
 DESCRIPTION = (
@@ -38,6 +38,7 @@ __all__ = [
     "merge",
     "prepare_data",
     "quantize",
+    "search_objective",
     "serve_check",
     "serving_spec",
     "signature",

@@ -43,3 +43,10 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
         compute_metrics=None,
         task_type="CAUSAL_LM",
     )
+
+
+def search_objective(config: PipelineConfig) -> tuple[str, str]:
+    """Validation loss (mean per response token), lower is better: ROUGE-L would need greedy
+    generation at every evaluation, which costs more than the training it scores."""
+    del config
+    return "loss", "minimize"

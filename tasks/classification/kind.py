@@ -18,7 +18,7 @@ from tasks.classification.serving import (
     signature,
     summary,
 )
-from tasks.classification.train import training_setup
+from tasks.classification.train import search_objective, training_setup
 
 NAME = "sequence_classification"
 DESCRIPTION = (
@@ -38,6 +38,7 @@ __all__ = [
     "merge",
     "prepare_data",
     "quantize",
+    "search_objective",
     "serve_check",
     "serving_spec",
     "signature",

@@ -38,3 +38,8 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
         task_type="SEQ_CLS",
         files={LABELS_FILE: json.dumps(names)},
     )
+
+
+def search_objective(config: PipelineConfig) -> tuple[str, str]:
+    """registry.metric (accuracy or macro-F1) on the validation split, higher is better."""
+    return config.registry.metric, "maximize"

@@ -6,6 +6,7 @@ Unknown keys are errors that name the key's dotted path; every number is range-c
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -504,6 +505,138 @@ class TrackingConfig(_Section):
     )
 
 
+Choice = bool | int | float | str | None
+_CHECKING_SPACE: ContextVar[bool] = ContextVar("checking_search_space", default=False)
+SEARCHABLE = ("lora", "train")  # trials differ in training only: the data is prepared once
+NOT_SEARCHABLE = ("train.deployment", "train.distributed", "train.device", "train.checkpoint_dir")
+
+
+class SearchParam(_Section):
+    """One searched setting: a list of choices (a mapping names choices that are not single
+    values, such as lists of layer names), or a numeric range low..high (log scale, step).
+
+    times: the value is the drawn number times another searched key's value (lora.alpha as a
+    multiple of lora.r)."""
+
+    choices: list[Choice] | dict[str, Any] | None = None
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = Field(None, gt=0)
+    times: str | None = None
+
+    @model_validator(mode="after")
+    def _choices_or_range(self) -> SearchParam:
+        ranged = self.low is not None or self.high is not None
+        if (self.choices is None) == (not ranged):
+            raise ValueError("give either choices or a range (low and high), not both or neither")
+        if self.choices is not None and len(self.choices) == 0:
+            raise ValueError("choices is empty: list at least one value")
+        if ranged and (self.low is None or self.high is None):
+            raise ValueError("a range needs both low and high")
+        if ranged and self.low >= self.high:
+            raise ValueError(f"inverted range: low {self.low} must be below high {self.high}")
+        if self.log and (not ranged or self.low <= 0):
+            raise ValueError("log scale needs a range with low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log scale and step cannot be combined (Optuna's rule)")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        """A range of whole numbers (both bounds and any step are ints)."""
+        bounds = (self.low, self.high, self.step if self.step is not None else 1)
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in bounds)
+
+    def candidates(self) -> list[Any]:
+        """The values to validate: every choice, or the range's ends."""
+        if isinstance(self.choices, dict):
+            return list(self.choices.values())
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+def default_space() -> dict[str, SearchParam]:
+    """LoRA's usual search (sequence_classification; causal_lm has its own layer names)."""
+    return {
+        "lora.r": SearchParam(choices=[4, 8, 16, 32]),
+        "lora.alpha": SearchParam(choices=[1, 2], times="lora.r"),
+        "train.learning_rate": SearchParam(low=1e-4, high=3e-3, log=True),
+        "lora.dropout": SearchParam(choices=[0.0, 0.1]),
+        "lora.use_rslora": SearchParam(choices=[False, True]),
+        "lora.target_modules": SearchParam(
+            choices={
+                "attention": ["query", "key", "value"],
+                "attention_mlp": [
+                    "query",
+                    "key",
+                    "value",
+                    "attention.output.dense",
+                    "intermediate.dense",
+                    "output.dense",
+                ],
+                "all_linear": "all-linear",
+            }
+        ),
+    }
+
+
+CAUSAL_ATTENTION = r".*\.(q_proj|k_proj|v_proj|o_proj|c_attn|attn\.c_proj)$"
+CAUSAL_ATTENTION_MLP = (
+    r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|c_attn|c_proj|c_fc)$"
+)
+
+
+def causal_space() -> dict[str, Any]:
+    """default_space with decoder layer names (Llama/Qwen2/Mistral and GPT-2 families)."""
+    space = {key: param.model_dump(exclude_defaults=True) for key, param in default_space().items()}
+    space["lora.target_modules"] = {
+        "choices": {
+            "attention": CAUSAL_ATTENTION,
+            "attention_mlp": CAUSAL_ATTENTION_MLP,
+            "all_linear": "all-linear",
+        }
+    }
+    return space
+
+
+class SearchConfig(_Section):
+    """A budgeted hyper-parameter search (Optuna) before training; its best trial's adapter
+    goes on through the rest of the pipeline. The objective is the validation score of
+    registry.metric (causal_lm: validation loss); the test split is never read."""
+
+    enabled: bool = Field(False, description="Search before training (else train once).")
+    n_trials: int = Field(12, gt=0, le=10_000, description="Trials in the study, all runs.")
+    timeout_s: float | None = Field(
+        None, gt=0, le=30 * 86_400, description="Start no trial after this many seconds."
+    )
+    parallel: int = Field(
+        2,
+        gt=0,
+        le=1024,
+        description="Trials at once on train.deployment (in process: one after another).",
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed of the sampler (trial k: seed + k).")
+    startup_trials: int = Field(
+        4, ge=0, le=10_000, description="Random trials before TPE models the results."
+    )
+    pruner: Literal["median", "successive_halving", "none"] = Field(
+        "median", description="Stop trials whose per-epoch validation score falls behind."
+    )
+    pruner_startup_trials: int = Field(
+        2, ge=0, le=10_000, description="Finished trials before the median pruner prunes."
+    )
+    storage: str | None = Field(
+        None,
+        description="Optuna RDB storage URL; None: a SQLite file beside the MLflow database "
+        "(production: postgresql://user@host/db, password from PGPASSWORD or ~/.pgpass).",
+    )
+    space: dict[str, SearchParam] = Field(
+        default_factory=default_space,
+        description="Dotted config keys (lora.*, train.*) and what to try for each.",
+    )
+
+
 Task = Literal["sequence_classification", "causal_lm"]
 
 
@@ -548,6 +681,7 @@ TASK_SETTINGS = {
             ("registry", "metric"): "rouge_l",
             ("registry", "model_name"): "lora-causal-lm",
             ("quantize", "variants"): ["dynamic_per_channel", "dynamic_per_tensor"],
+            ("search", "space"): causal_space(),
         },
         (
             ("data", "text_column"),
@@ -601,6 +735,7 @@ class PipelineConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     output_dir: str = Field(
         "outputs", min_length=1, description="Local working folder for stage outputs."
     )
@@ -635,9 +770,89 @@ class PipelineConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _space_fits(self) -> PipelineConfig:
+        """Every searched key is a training setting, and every value it may take is valid."""
+        if _CHECKING_SPACE.get():  # validating one of the space's values: the rest is done
+            return self
+        if not self.search.space:
+            raise ValueError("search.space is empty: name at least one setting to search")
+        for key in self.search.space:
+            check_searched_key(self, key)
+        if self.search.enabled and self.data.split.validation == 0:
+            raise ValueError(
+                "search.enabled needs a validation split (trials are scored on it, never on "
+                "test): set data.split.validation above 0, e.g. 0.1"
+            )
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of every setting, for MLflow params."""
         return _flatten(self.model_dump(mode="json"))
+
+
+def searched_values(key: str, space: dict[str, SearchParam]) -> list[Any]:
+    """The values a key may take (range ends, choices; times another key: every product)."""
+    param = space[key]
+    values = param.candidates()
+    if param.times is None:
+        return values
+    base = space.get(param.times)
+    numbers = base is not None and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values + base.candidates()
+    )
+    if not numbers or base.times is not None:
+        raise ValueError(
+            f"search.space.{key}: times {param.times!r} must name another searched key with "
+            f"numeric values (not itself a multiple), such as lora.r, and {key} needs numbers"
+        )
+    return [v * b for v in values for b in base.candidates()]
+
+
+def check_searched_key(config: PipelineConfig, key: str) -> None:
+    """ValueError naming search.space.<key> when it is no training setting or a value it may
+    take is outside its field's bounds."""
+    where = f"search.space.{key}"
+    section, _, rest = key.partition(".")
+    if (
+        section not in SEARCHABLE
+        or not rest
+        or any(key == k or key.startswith(k + ".") for k in NOT_SEARCHABLE)
+    ):
+        raise ValueError(
+            f"{where}: only training settings can be searched (lora.*, train.* except "
+            f"{', '.join(NOT_SEARCHABLE)}): the data is prepared once before the search and "
+            f"the later stages take the winner's adapter"
+        )
+    node: Any = getattr(config, section)
+    for part in rest.split("."):
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            raise ValueError(f"{where}: no such setting (see configs/default.yaml for the keys)")
+        node = getattr(node, part)
+    tree = config.model_dump(mode="json")
+    token = _CHECKING_SPACE.set(True)
+    try:
+        for value in searched_values(key, config.search.space):
+            try:
+                config_from_dict(with_value(tree, key, value))
+            except ConfigError as exc:
+                detail = str(exc).removeprefix("invalid config <dict>: ")
+                raise ValueError(
+                    f"{where}: the value {value!r} is not allowed ({detail})"
+                ) from None
+    finally:
+        _CHECKING_SPACE.reset(token)
+
+
+def with_value(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of a config tree with the dotted key set to value."""
+    copy = _unshared(tree)
+    *parents, last = key.split(".")
+    node = copy
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return copy
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -669,6 +884,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Set each dotted KEY=VALUE override in a nested dict (validation happens afterwards)."""
     for text in overrides:
         path, value = parse_override(text)
+        if path[:2] == ["search", "space"] and len(path) > 3:  # space keys are dotted keys
+            path = [*path[:2], ".".join(path[2:])]
         node = tree
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -691,7 +908,8 @@ def _problem(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         return f"{path}: unknown key (check its spelling; see configs/default.yaml)"
     if err["type"] == "value_error":  # our own checks: the message names the keys
-        return err["msg"].removeprefix("Value error, ")
+        message = err["msg"].removeprefix("Value error, ")
+        return f"{path}: {message}" if err["loc"][:2] == ("search", "space") else message
     if err["type"] == "string_pattern_mismatch" and path in PATTERN_HINTS:
         return f"{path}: {err.get('input')!r} is not allowed: {PATTERN_HINTS[path]}"
     if err["type"] == "missing":

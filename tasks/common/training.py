@@ -16,7 +16,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,6 +285,7 @@ def fit(
     dataset: DatasetDict,
     adapter_dir: Path,
     stage_started: float,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainingResult:
     """Train setup.model on dataset['train'] (resuming from the run's last complete checkpoint),
     log curves and figures to `run`, save the adapter (and tokenizer and setup.files).
@@ -307,7 +308,8 @@ def fit(
         eval_dataset=dataset["validation"] if "validation" in dataset else None,
         data_collator=setup.collator,
         compute_metrics=setup.compute_metrics,
-        callbacks=[TrainingProgress()] + ([MlflowStepLogger(run)] if run is not None else []),
+        callbacks=[TrainingProgress(), *([MlflowStepLogger(run)] if run is not None else [])]
+        + list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # its raw dicts: TrainingProgress's lines instead
     resume = last_complete_checkpoint(checkpoints)

@@ -12,6 +12,12 @@ from tasks.records import Evaluation, QuantizedModel, Registration, ServeReport
 from tasks.register.model_card import gate_table
 
 
+def search_tags(run) -> dict[str, str]:
+    """The run's search.* tags (the study, its counts, the chosen values); none without one."""
+    tags = run.client.get_run(run.run_id).data.tags
+    return {k: v[:5000] for k, v in sorted(tags.items()) if k.startswith("search.")}
+
+
 def decision_line(result: Registration, evaluation: Evaluation) -> str:
     """Where production is now and why, in one sentence."""
     if result.promoted:
@@ -48,6 +54,7 @@ def report_markdown(
     quantized: QuantizedModel,
     served_line: str,
     run_link: str,
+    search: dict[str, str] | None = None,
 ) -> str:
     comparison = ""
     if result.comparison is not None:
@@ -61,7 +68,25 @@ def report_markdown(
         f"**Production moved:** {'yes' if result.promoted else 'no'} ({result.reason})\n"
         f"{comparison}\n"
         f"Served: {quantized.variant} on {served_line}\n\n"
-        f"MLflow run: {run_link}\n\n{gate_table(result.gates)}"
+        + search_line(search or {})
+        + f"MLflow run: {run_link}\n\n{gate_table(result.gates)}"
+    )
+
+
+def search_line(search: dict[str, str]) -> str:
+    """The search that chose the training settings, from the run's search.* tags."""
+    if "search.study" not in search:
+        return ""
+    chosen = ", ".join(
+        f"{k.removeprefix('search.best.')} {v}"
+        for k, v in search.items()
+        if k.startswith("search.best.")
+    )
+    return (
+        f"Search: study `{search['search.study']}`, {search['search.complete']} trials complete, "
+        f"{search['search.pruned']} pruned, {search['search.failed']} failed; best trial "
+        f"{search['search.best_trial']} ({search['search.objective']} "
+        f"{search['search.best_value']}); chosen: {chosen}\n\n"
     )
 
 
@@ -86,9 +111,13 @@ def write_report(
         "provider": served.provider,
         "timings": served.timings,
     }
+    search = search_tags(run)
+    if search:
+        report["search"] = search
     run.log_json(report, "promotion/report.json")
     link = run_url(run.tracking, run.run_id)
-    markdown = report_markdown(result, evaluation, quantized, f"{served.provider}; {summary}", link)
+    served_line = f"{served.provider}; {summary}"
+    markdown = report_markdown(result, evaluation, quantized, served_line, link, search)
     run.log_text(markdown, "promotion/report.md")
     decision = decision_line(result, evaluation)
     figures = key_figures(result, evaluation, served, quantized, metric)

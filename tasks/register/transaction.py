@@ -45,7 +45,7 @@ from tasks.interface import TaskKind
 from tasks.records import Evaluation, PreparedData, QuantizedModel, Registration, ServeReport
 from tasks.register.decision import champion_gate, decide
 from tasks.register.model_card import CARD_FILE, CardFacts, model_card
-from tasks.register.report import write_report
+from tasks.register.report import search_tags, write_report
 from tasks.register.served_check import served_model_check
 
 STATE_TAG = "registration"
@@ -87,15 +87,19 @@ def log_serving_model(stage: StageContext, kind: TaskKind, facts: dict) -> tuple
 def version_tags(stage, served: ServeReport, quantized: QuantizedModel, data) -> dict[str, str]:
     tags = {f"served.{k}": f"{v:.4f}" for k, v in served.metrics.items()}
     chosen = next((c for c in quantized.candidates if c.name == quantized.variant), None)
-    return tags | {
-        "run_id": stage.run_id,
-        "task": stage.config.task,
-        "serve.provider": served.provider,
-        "onnx.variant": quantized.variant,
-        # the served graph's nodes left in fp32 and why (the head, a mixed-precision search)
-        "quantize.fp32_nodes": fp32_nodes_tag(chosen)[:5000] if chosen else "every node",
-        "data.content_sha256": data.content_sha256,
-    }
+    return (
+        tags
+        | {
+            "run_id": stage.run_id,
+            "task": stage.config.task,
+            "serve.provider": served.provider,
+            "onnx.variant": quantized.variant,
+            # the served graph's nodes left in fp32 and why (the head, a mixed-precision search)
+            "quantize.fp32_nodes": fp32_nodes_tag(chosen)[:5000] if chosen else "every node",
+            "data.content_sha256": data.content_sha256,
+        }
+        | search_tags(stage.run)
+    )
 
 
 def earlier_version(stage: StageContext, name: str) -> ModelVersion | None:
