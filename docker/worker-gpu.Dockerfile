@@ -22,7 +22,7 @@ COPY tasks tasks
 COPY flows flows
 # onnxruntime and onnxruntime-gpu provide the same module: swap in the GPU build, same version.
 RUN pip install --index-url ${TORCH_INDEX} "$(grep '^torch==' requirements.lock)" \
-    && pip install -c requirements.lock . \
+    && pip install -c requirements.lock '.[postgres]' \
     && ORT_VERSION="$(pip show onnxruntime | sed -n 's/^Version: //p')" \
     && pip uninstall -y onnxruntime \
     && pip install "onnxruntime-gpu==${ORT_VERSION}" \

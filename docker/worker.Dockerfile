@@ -7,7 +7,7 @@ COPY pyproject.toml requirements.lock README.md ./
 COPY lora_core lora_core
 COPY tasks tasks
 COPY flows flows
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c requirements.lock . \
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c requirements.lock '.[postgres]' \
     && useradd --create-home --uid 10001 worker \
     && mkdir outputs && chown worker outputs
 COPY configs configs

@@ -29,20 +29,29 @@ from tasks.common.config import PipelineConfig
 from tasks.common.console import run_logger
 from tasks.common.credentials import scrubbed
 from tasks.common.errors import ConfigError
+from tasks.common.tracking import Tracking
 from tasks.records import PreparedData
 from tasks.search import study as studies
 
 POLL_S = 2.0
 
 
-def start_trial_run(config: PipelineConfig, data: PreparedData, run_id: str):
-    """One `lora-train` flow run that runs one trial of the run's study."""
+def resolved_storage(config: PipelineConfig) -> PipelineConfig:
+    """The config with search.storage set to the study database this process uses (without a
+    password: scrubbed; each worker takes it from its own $LORA_SEARCH_STORAGE)."""
+    search = config.search.model_copy(update={"storage": studies.storage_url(config)})
+    return config.model_copy(update={"search": search})
+
+
+def start_trial_run(config: PipelineConfig, data: PreparedData, run_id: str, name: str):
+    """One `lora-train` flow run (named `name`) that runs one trial of the run's study."""
     try:
         return run_deployment(
             name=config.train.deployment,
+            flow_run_name=name,
             parameters={
                 "run_id": run_id,
-                "config": scrubbed(config.model_dump(mode="json")),  # no URL credentials
+                "config": scrubbed(resolved_storage(config).model_dump(mode="json")),
                 "data": data_parameters(data),
                 "trial": True,
             },
@@ -92,6 +101,8 @@ def trials_on_deployment(
     in any other way (the retrain run is cancelled) cancels the ones still going."""
     logger = run_logger()
     in_flight: list = []
+    started = len(study.get_trials(deepcopy=False))  # flow runs are named on from there
+    run_name = Tracking.connect(config.tracking).client.get_run(run_id).info.run_name
     with get_client(sync_client=True) as client:
         cancel_leftovers(client, run_id)  # an earlier attempt's, killed with it
         try:
@@ -107,7 +118,9 @@ def trials_on_deployment(
                 wanted = config.search.n_trials - told - len(in_flight)
                 open_ = deadline is None or time.monotonic() < deadline
                 for _ in range(max(0, min(room, wanted)) if open_ else 0):
-                    in_flight.append(start_trial_run(config, data, run_id))
+                    started += 1
+                    name = f"{run_name}-search-{started:03d}"
+                    in_flight.append(start_trial_run(config, data, run_id, name))
                     logger.info("search: trial flow run %s started", in_flight[-1].name)
                 if not in_flight:
                     return

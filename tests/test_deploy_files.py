@@ -30,6 +30,7 @@ EXPECTED = {
     "nightly": ("lora-retrain", "cpu"),
     "adhoc": ("lora-retrain", "cpu"),
     "causal-weekly": ("lora-retrain", "cpu"),
+    "weekly-search": ("lora-retrain", "cpu"),
     "gpu": ("lora-train", "gpu"),
     "manual": ("lora-promote", "cpu"),
 }
@@ -55,10 +56,11 @@ def test_retrain_deployments_send_training_to_the_gpu_deployment(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     deployments = _deployments()
-    for name in ("nightly", "adhoc", "causal-weekly"):
+    for name in ("nightly", "adhoc", "causal-weekly", "weekly-search"):
         params = deployments[name]["parameters"]
         config = load_config(params["config_path"], params.get("overrides"))
         assert config.train.deployment == "lora-train/gpu", name
+        assert config.search.enabled == (name == "weekly-search"), name
 
 
 def test_each_gpu_worker_runs_one_training_at_a_time_and_the_nodes_of_one_run_together():
@@ -71,11 +73,24 @@ def test_each_gpu_worker_runs_one_training_at_a_time_and_the_nodes_of_one_run_to
 
 def test_nightly_and_weekly_have_valid_cron_schedules_and_the_others_none():
     deployments = _deployments()
-    for name, cron in (("nightly", "0 2 * * *"), ("causal-weekly", "0 3 * * 0")):
+    crons = {"nightly": "0 2 * * *", "weekly-search": "0 4 * * 6", "causal-weekly": "0 3 * * 0"}
+    for name, cron in crons.items():
         schedule = deployments[name]["schedules"][0]
         assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == cron
     scheduled = [n for n, d in deployments.items() if d.get("schedules")]
-    assert scheduled == ["nightly", "causal-weekly"]
+    assert scheduled == ["nightly", "weekly-search", "causal-weekly"]
+
+
+def test_the_compose_workers_and_database_hold_the_search_studies():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for worker in ("worker-cpu", "worker-gpu"):
+        storage = compose["services"][worker]["environment"]["LORA_SEARCH_STORAGE"]
+        assert storage.startswith("postgresql+psycopg2://") and storage.endswith(
+            "@postgres:5432/optuna"
+        )
+    assert "CREATE DATABASE optuna;" in (ROOT / "docker/postgres-init.sql").read_text()
+    for image in ("worker.Dockerfile", "worker-gpu.Dockerfile"):
+        assert "'.[postgres]'" in (ROOT / "docker" / image).read_text()
 
 
 def test_workers_resolve_the_checkout_at_run_time():

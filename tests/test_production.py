@@ -39,6 +39,7 @@ from mlflow.tracking import MlflowClient
 from test_processes import marked_processes, wait_until
 
 from tasks.common.served_model import free_port
+from tasks.search.study import best_trial
 
 pytestmark = pytest.mark.e2e
 
@@ -193,7 +194,7 @@ def _start_postgres(procs: Processes, work: Path) -> int:
             return False
         conn.autocommit = True
         with conn.cursor() as cursor:
-            for name in ("mlflow", "prefect"):
+            for name in ("mlflow", "prefect", "optuna"):
                 cursor.execute(f"CREATE DATABASE {name}")
         conn.close()
         return True
@@ -291,6 +292,7 @@ def stack(tmp_path_factory, make_tiny_config):
                 PREFECT_WORKER_QUERY_SECONDS="2",
                 MLFLOW_TRACKING_URI=mlflow_uri,
                 LORA_RETRAIN_HOME=str(ROOT),
+                LORA_SEARCH_STORAGE=f"postgresql+psycopg2://{db}/optuna",  # the study database
             )
             if pool == "gpu":  # each gpu node trains in its own folder
                 worker_env["LORA_TRAIN_OUTPUT_DIR"] = str(outputs[name])
@@ -341,6 +343,8 @@ def stack(tmp_path_factory, make_tiny_config):
                 json.dumps({"config_path": str(path)}),
             ),  # fmt: skip
             "mlflow_uri": mlflow_uri,
+            "optuna_uri": f"postgresql+psycopg2://{db}/optuna",
+            "prefect": prefect,
             "outputs": outputs,
             "artifact_store": work / "artifact-store",
             "flow_run_id": flow_run_id,
@@ -549,6 +553,81 @@ def _start_a_long_two_node_run(stack, make_tiny_config, name: str) -> str:
 
     assert wait_until(training, 300), stack["procs"].logs()
     return flow_run_id
+
+
+SEARCH_SPACE = (
+    'search.space={"lora.r": {"choices": [2, 4]}, '
+    '"train.learning_rate": {"low": 0.001, "high": 0.05, "log": true}}'
+)
+
+
+def test_the_weekly_search_runs_parallel_trials_on_both_gpu_workers(
+    stack, mlflow_run, make_tiny_config
+):
+    """`lora-retrain/weekly-search`: 4 trials, 2 at a time, as lora-train flow runs on the two
+    gpu workers, all asking and telling one Optuna study in PostgreSQL; the winner's adapter
+    is registered with the study's tags."""
+    del mlflow_run  # after the first run
+    import optuna
+
+    work = stack["work"] / "search"
+    work.mkdir()
+    config = make_tiny_config(
+        work,
+        [
+            "tracking.uri=null",
+            "tracking.artifact_location=null",
+            "tracking.experiment=production-topology",
+            f"output_dir={stack['outputs']['cpu']}",
+            "output.keep=true",  # each worker's trial folders show where the trials ran
+            "search.n_trials=4",
+            "search.parallel=2",
+            "search.pruner=none",
+            "train.checkpoint_steps=0",
+            "registry.model_name=tiny-searched",
+            SEARCH_SPACE,
+        ],
+    )
+    path = work / "search-config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    run = stack["prefect"](
+        "deployment", "run", "lora-retrain/weekly-search",
+        "--params", json.dumps({"config_path": str(path)}),
+        "--watch", "--watch-timeout", "600", timeout=660,
+    )  # fmt: skip
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    assert _flow_run(stack, flow_run_id)["state"]["type"] == "COMPLETED", stack["procs"].logs()
+    client = MlflowClient(tracking_uri=stack["mlflow_uri"], registry_uri=stack["mlflow_uri"])
+    experiment = client.get_experiment_by_name("production-topology").experiment_id
+    [parent] = client.search_runs(
+        [experiment], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+    run_id = parent.info.run_id
+    study = optuna.load_study(study_name=f"lora-search-{run_id}", storage=stack["optuna_uri"])
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    children = client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"
+    )
+    assert {c.info.run_id for c in children} == {
+        t.user_attrs["mlflow_run_id"] for t in study.trials
+    }
+    trial_runs = _get_json(
+        f"{stack['api']}/flow_runs/filter",
+        {"flow_runs": {"tags": {"all_": [f"search:{run_id}"]}}},
+    )
+    assert len(trial_runs) == 4 and {r["work_pool_name"] for r in trial_runs} == {"gpu"}
+    assert all(r["parameters"]["trial"] for r in trial_runs)
+    ran_on = {  # a trial leaves its working folder on the worker that trained it (output.keep)
+        node for node in ("gpu0", "gpu1") for c in children
+        if (stack["outputs"][node] / c.info.run_id).is_dir()
+    }  # fmt: skip
+    assert ran_on == {"gpu0", "gpu1"}
+    version = client.get_model_version_by_alias("tiny-searched", "production")
+    assert version.run_id == run_id
+    assert version.tags["search.complete"] == "4"
+    assert version.tags["search.study"] == f"lora-search-{run_id}"
+    assert parent.data.tags["search.best_trial"] == str(best_trial(study).number)
 
 
 def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny_config):

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect.states import Completed, Failed, Running
+from safetensors import safe_open
 
 import flows.search as search_flows
 import tasks.train_adapter as train_adapter_module
@@ -123,8 +124,8 @@ def test_every_trial_is_a_nested_run_with_its_state_and_the_parent_has_the_repor
         assert float(child.data.params["lora.r"]) == trial.params["lora.r"]
         assert "eval/macro_f1" in child.data.metrics
     artifacts = {a.path for a in tracking.client.list_artifacts(run_id, "search/plots")}
-    assert "search/plots/optimization_history.png" in artifacts
-    assert "search/plots/rank_vs_learning_rate.png" in artifacts
+    plots = ("optimization_history", "param_importances", "parallel_coordinate")
+    assert {f"search/plots/{name}.png" for name in (*plots, "rank_vs_learning_rate")} == artifacts
     table = json.loads(
         Path(tracking.client.download_artifacts(run_id, "search/trials.json")).read_text()
     )
@@ -260,9 +261,11 @@ class ThreadedDeployment:
         self.worker_dir, self.futures, self.calls = worker_dir, {}, []
         self.most_at_once = 0
 
-    def run_deployment(self, name, parameters, timeout, **kwargs):
+    def run_deployment(self, name, parameters, timeout, flow_run_name, **kwargs):
         wire = json.loads(json.dumps(parameters))  # what crosses to a worker: plain JSON only
-        self.calls.append({"name": name, "timeout": timeout, **wire})
+        self.calls.append(
+            {"name": name, "timeout": timeout, "flow_run_name": flow_run_name, **wire}
+        )
         run_id = uuid.uuid4()
         self.futures[run_id] = self.pool.submit(train_flow, **wire, output_dir=str(self.worker_dir))
         self.most_at_once = max(self.most_at_once, sum(not f.done() for f in self.futures.values()))
@@ -315,6 +318,10 @@ def test_parallel_trials_through_the_gpu_deployment_share_one_study(
     result = stages.search(config, out.data, run_id, run_trials=trained)
     study = open_run_study(config, run_id)
     assert len(fake.calls) == 4 and all(c["trial"] for c in fake.calls)
+    assert [c["flow_run_name"][-11:] for c in fake.calls] == [
+        f"-search-{k:03d}" for k in range(1, 5)
+    ]
+    assert all(c["config"]["search"]["storage"].startswith("sqlite:///") for c in fake.calls)
     assert fake.most_at_once == 2
     assert [t.number for t in study.trials] == [0, 1, 2, 3]  # each trial recorded once
     assert all(t.state.is_finished() for t in study.trials)
@@ -373,3 +380,68 @@ def test_a_killed_search_resumes_its_study_and_the_winner_is_registered(
     assert version.tags["search.best.lora.r"] == str(best.params["lora.r"])
     report = Path(tracking.client.download_artifacts(result["run_id"], "promotion/report.md"))
     assert f"best trial {best.number}" in report.read_text()
+
+
+def test_a_causal_lm_search_minimizes_validation_loss_over_decoder_layer_sets(tmp_path, demo_frame):
+    """A tiny Llama, the decoder default space's layer sets: the study minimizes validation
+    loss, and the winner's adapter wraps the layers its chosen set names."""
+    import pandas as pd
+    from test_causal_pipeline import causal_config_dict
+
+    from tasks.common.config import config_from_dict
+    from testkit.tiny import build_tiny_decoder
+
+    frame = demo_frame.head(120)
+    data = tmp_path / "pairs.csv"
+    pd.DataFrame({"prompt": frame["text"], "response": "Team: " + frame["label"]}).to_csv(
+        data, index=False
+    )
+    model_dir = build_tiny_decoder(tmp_path / "model", list(demo_frame["text"]), "llama")
+    layers = config_from_dict(causal_config_dict(tmp_path, model_dir, data)).search.space[
+        "lora.target_modules"
+    ]  # the causal_lm default: attention, attention_mlp, all_linear
+    tree = causal_config_dict(tmp_path, model_dir, data)
+    tree["train"] |= {"epochs": 2, "checkpoint_steps": 0}
+    tree["search"] = {
+        "enabled": True,
+        "n_trials": 3,
+        "pruner": "none",
+        "space": {"lora.r": {"choices": [4]}, "lora.target_modules": layers.model_dump()},
+    }
+    config = config_from_dict(tree)
+    run_id, out = searched(config)
+    study = open_run_study(config, run_id)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    best = studies.best_trial(study)
+    assert best.value == min(t.value for t in study.trials if t.value is not None)
+    assert (
+        out.trained.chosen["lora.target_modules"]
+        == layers.choices[best.params["lora.target_modules"]]
+    )
+    weights = Path(out.trained.adapter.local_path) / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as tensors:
+        wrapped_mlp = any(".mlp." in key for key in tensors.keys())
+    assert wrapped_mlp == (best.params["lora.target_modules"] != "attention")
+
+
+def test_ties_go_to_the_trial_with_fewer_trainable_weights():
+    study = optuna.create_study(direction="maximize")
+    for value, weights in ((0.9, 1000), (0.9, 500), (0.8, 10)):
+        study.add_trial(
+            optuna.trial.create_trial(value=value, user_attrs={studies.PARAMS_ATTR: weights})
+        )
+    assert studies.best_trial(study).number == 1
+    lower = optuna.create_study(direction="minimize")
+    for value in (0.5, 0.3, 0.3):
+        lower.add_trial(optuna.trial.create_trial(value=value))
+    assert studies.best_trial(lower).number == 1  # equal size too: the earlier trial
+
+
+def test_the_cli_refuses_a_bad_space_with_exit_2_naming_the_key(cli):
+    result = cli.run(
+        ["check-config", "--set", "search.space.train.learning_rate={low: 0.01, high: 0.001}"],
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "search.space.train.learning_rate: inverted range" in result.stderr
+    assert "Traceback" not in result.stderr

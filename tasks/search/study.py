@@ -9,6 +9,7 @@ re-run of that run (after a kill) continues it.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tasks.common.config import PipelineConfig, SearchConfig
-from tasks.common.credentials import redact
+from tasks.common.credentials import redact, without_credentials
 from tasks.common.errors import ConfigError
 from tasks.common.tracking import tracking_uri
 
 STUDY_FILE = "optuna.db"
+STORAGE_ENV = "LORA_SEARCH_STORAGE"  # the study database where search.storage is not set
 INTERRUPTED = "interrupted"  # user attr of a trial that was running when its search was killed
 FAIL_REASON = "fail_reason"
 RUN_ATTR = "mlflow_run_id"
@@ -30,16 +32,22 @@ optuna.logging.set_verbosity(logging.WARNING)  # its per-trial INFO lines: ours 
 
 
 def storage_url(config: PipelineConfig) -> str:
-    """search.storage, else a SQLite file beside the embedded MLflow database."""
-    if config.search.storage:
-        return config.search.storage
+    """search.storage, else $LORA_SEARCH_STORAGE, else a SQLite file beside the embedded MLflow
+    database. The environment's URL may carry the password; when search.storage names the same
+    database without one (as trial flow runs receive it), the environment's is used."""
+    env = os.environ.get(STORAGE_ENV, "")
+    given = config.search.storage
+    if given:
+        return env if env and without_credentials(env) == without_credentials(given) else given
+    if env:
+        return env
     uri = tracking_uri(config.tracking)
     if not uri.startswith("sqlite:///"):
         raise ConfigError(
-            f"search.storage is not set and the MLflow store {redact(uri)} is not a local "
-            f"SQLite file to put the study beside: set search.storage to a database every "
-            f"trial worker reaches, e.g. postgresql://lora@postgres:5432/optuna (password in "
-            f"PGPASSWORD or ~/.pgpass on each host)"
+            f"search.storage (or ${STORAGE_ENV}) is not set and the MLflow store "
+            f"{redact(uri)} is not a local SQLite file to put the study beside: set "
+            f"{STORAGE_ENV} on every worker to a database they all reach, e.g. "
+            f"postgresql://lora:PASSWORD@postgres:5432/optuna"
         )
     return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).parent / STUDY_FILE}"
 
@@ -65,8 +73,8 @@ def storage(url: str) -> optuna.storages.RDBStorage:
 def pruner(search: SearchConfig) -> optuna.pruners.BasePruner:
     if search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup_trials)
-    if search.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
+    if search.pruner == "successive_halving":  # rungs at epochs 1, 3, 9...: a third goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 

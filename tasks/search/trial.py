@@ -8,7 +8,7 @@ pruner hears every per-epoch validation score and can stop the trial between epo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -111,9 +111,7 @@ def run_trial(config: PipelineConfig, data: PreparedData, parent_run_id: str) ->
     trial.set_user_attr(studies.FLOW_RUN_ATTR, prefect_flow_run_id())
     kill_point(f"search:trial{trial.number}")  # the tests' SIGKILL of a running trial
     outcome = train_trial(with_values(config, values), data, trial, metric, child)
-    outcome = TrialOutcome(
-        trial.number, outcome.state, child, values, outcome.value, outcome.reason
-    )
+    outcome = replace(outcome, values=values)
     if outcome.state == "failed":
         trial.set_user_attr(studies.FAIL_REASON, outcome.reason[:2000])
     state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
