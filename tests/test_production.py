@@ -519,6 +519,16 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def on_the_servers(stack) -> list[str]:
+    """Overrides for a run on the stack: its MLflow server and the cpu worker's folder."""
+    return [
+        "tracking.uri=null",  # the workers' MLFLOW_TRACKING_URI: the server
+        "tracking.artifact_location=null",  # the server's proxied artifact store
+        "tracking.experiment=production-topology",
+        f"output_dir={stack['outputs']['cpu']}",
+    ]
+
+
 def _start_a_long_two_node_run(stack, make_tiny_config, name: str) -> str:
     """A retrain run whose training (two nodes, a rank each) goes on until stopped; returns
     its flow run id once both ranks train."""
@@ -527,10 +537,7 @@ def _start_a_long_two_node_run(stack, make_tiny_config, name: str) -> str:
     config = make_tiny_config(
         work,
         [
-            "tracking.uri=null",
-            "tracking.artifact_location=null",
-            "tracking.experiment=production-topology",
-            f"output_dir={stack['outputs']['cpu']}",
+            *on_the_servers(stack),
             "train.max_steps=100000",  # trains until stopped
             "train.epochs=1000",
             *TWO_NODES,
@@ -575,10 +582,7 @@ def test_the_weekly_search_runs_parallel_trials_on_both_gpu_workers(
     config = make_tiny_config(
         work,
         [
-            "tracking.uri=null",
-            "tracking.artifact_location=null",
-            "tracking.experiment=production-topology",
-            f"output_dir={stack['outputs']['cpu']}",
+            *on_the_servers(stack),
             "output.keep=true",  # each worker's trial folders show where the trials ran
             "search.n_trials=4",
             "search.parallel=2",
