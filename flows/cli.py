@@ -51,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
             help="config whose tracking section names the MLflow store",
         )
         move.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    watch = sub.add_parser("watch", help="run one data watch check and print the verdict")
+    watch.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+    watch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    watch.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    alerts = sub.add_parser(
+        "alerts", help="create the alert automations on the Prefect server (PREFECT_API_URL)"
+    )
+    alerts.add_argument(
+        "--block",
+        required=True,
+        help="notification block <type>/<name>, e.g. slack-webhook/ml-team, custom-webhook/ops",
+    )
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("--config", default="configs/default.yaml")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -115,6 +127,21 @@ def _run(args) -> dict:
     )
 
 
+def _watch(args) -> dict:
+    """One watch check; its verdict on stderr (stdout carries the JSON)."""
+    from flows.watch import watch_flow
+    from tasks.common.credentials import move_credentials_to_environment
+
+    overrides = move_credentials_to_environment(args.overrides)
+    _install_log_filter(args.verbose)
+    _start_prefect_api()
+    with redirect_stdout(sys.stderr):
+        result = watch_flow(config_path=args.config, overrides=overrides)
+    print(f"\n{result['verdict']}\nevents: {', '.join(result['events']) or 'none'}\n",
+          file=sys.stderr)  # fmt: skip
+    return result
+
+
 def _summary(result: dict) -> None:
     """The closing summary table of a run, on stderr (stdout carries the JSON only)."""
     from flows.console import summary_table
@@ -144,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                     config_path=args.config,
                     force=getattr(args, "force", False),
                 )
+        elif args.command == "watch":
+            result = _watch(args)
+        elif args.command == "alerts":
+            from flows.alerts import create_alerts
+
+            result = {"automations": create_alerts(args.block), "block": args.block}
         else:
             with redirect_stdout(sys.stderr):
                 result = _run(args)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.events import emit_event
 from prefect.states import Completed
 
 from flows import console
@@ -179,6 +181,33 @@ def run_pipeline(config: PipelineConfig, claim: Claim) -> RetrainResult:
     )
 
 
+def record_trigger(tracking: Tracking, run_id: str, trigger: dict[str, Any]) -> None:
+    """The event that started this run: a flow-run tag, MLflow tags and trigger/event.json."""
+    event = str(trigger.get("event") or "unknown")
+    tag_flow_run(f"trigger:{event}")
+    run = tracking.run(run_id)
+    run.set_tags({"trigger.event": event, "trigger.event_id": str(trigger.get("id", ""))[:250]})
+    run.log_json(dict(trigger), "trigger/event.json")
+
+
+def announce_decision(result: RetrainResult) -> None:
+    """`lora.candidate.promoted` or `lora.candidate.kept` (what the not-promoted alert hears)."""
+    emit_event(
+        event=f"lora.candidate.{'promoted' if result.promoted else 'kept'}",
+        resource={
+            "prefect.resource.id": f"lora.model.{result.model_name}",
+            "prefect.resource.name": result.model_name,
+        },
+        payload={
+            "version": result.version,
+            "reason": result.reason,
+            "mlflow_run_id": result.run_id,
+            "metric": result.metric,
+            "test_score": result.test_score,
+        },
+    )
+
+
 def skipped(claim: Claim) -> dict:
     reason = (
         f"nothing new to train: run {claim.run_id} already trained this data and "
@@ -199,12 +228,15 @@ def retrain_flow(
     overrides: list[str] | None = None,
     force: bool = False,
     wait: bool = False,
+    trigger: dict[str, Any] | None = None,
 ) -> dict:
     """Retrain a LoRA adapter from a config file (plus KEY=VALUE overrides) and maybe promote it.
 
     Same data and config as a finished run: ends early ("nothing new to train") unless force.
     Same as an unfinished (killed or failed) run: continues that run. Same as a run in progress
     in another process: an error (exit 2), or, with wait, waits for it to end first.
+    `trigger` is the event that started the run (a deployment trigger fills it): the flow run
+    is tagged `trigger:<event>` and the MLflow run records it.
     """
     refuse_credentials(overrides)
     config = load_config(config_path, overrides)
@@ -213,6 +245,8 @@ def retrain_flow(
     tracking = Tracking.connect(config.tracking)
     claim = claim_run(tracking, config, pipeline_key(config), force, wait)
     label_flow_run(tracking, claim.run_id)
+    if trigger:
+        record_trigger(tracking, claim.run_id, trigger)
     if claim.skipped:
         return skipped(claim)
     try:
@@ -221,6 +255,7 @@ def retrain_flow(
         claim.lease.release()
     outcome = "promoted" if result.promoted else "kept"
     tag_flow_run(f"model:{result.model_name}", f"version:{result.version}", outcome)
+    announce_decision(result)
     message = (
         f"{result.model_name} v{result.version}: production "
         f"{'moved to it' if result.promoted else 'kept'} ({result.reason}); test "

@@ -36,6 +36,8 @@ class TaskKind(Protocol):
     """What a registered model of this kind is for (the registered model's description)."""
     SERVING_CODE: Path
     """The pyfunc file logged with every model (models-from-code; imports nothing of ours)."""
+    WATCHED: bool
+    """Whether the data watch (tasks/watch) reads this kind's data: text and label columns."""
 
     def prepare_data(self, stage: StageContext) -> PreparedData:
         """Read, validate, clean, split and tokenize config.data; save and log the splits."""

@@ -31,7 +31,9 @@ EXPECTED = {
     "adhoc": ("lora-retrain", "cpu"),
     "causal-weekly": ("lora-retrain", "cpu"),
     "weekly-search": ("lora-retrain", "cpu"),
+    "on-data": ("lora-retrain", "cpu"),
     "gpu": ("lora-train", "gpu"),
+    "every-15-minutes": ("lora-watch", "cpu"),
     "manual": ("lora-promote", "cpu"),
 }
 
@@ -56,7 +58,7 @@ def test_retrain_deployments_send_training_to_the_gpu_deployment(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     deployments = _deployments()
-    for name in ("nightly", "adhoc", "causal-weekly", "weekly-search"):
+    for name in ("nightly", "adhoc", "causal-weekly", "weekly-search", "on-data"):
         params = deployments[name]["parameters"]
         config = load_config(params["config_path"], params.get("overrides"))
         assert config.train.deployment == "lora-train/gpu", name
@@ -73,12 +75,32 @@ def test_each_gpu_worker_runs_one_training_at_a_time_and_the_nodes_of_one_run_to
 
 def test_nightly_and_weekly_have_valid_cron_schedules_and_the_others_none():
     deployments = _deployments()
-    crons = {"nightly": "0 2 * * *", "weekly-search": "0 4 * * 6", "causal-weekly": "0 3 * * 0"}
+    crons = {
+        "nightly": "0 2 * * *",
+        "weekly-search": "0 4 * * 6",
+        "causal-weekly": "0 3 * * 0",
+        "every-15-minutes": "*/15 * * * *",
+    }
     for name, cron in crons.items():
         schedule = deployments[name]["schedules"][0]
         assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == cron
     scheduled = [n for n, d in deployments.items() if d.get("schedules")]
-    assert scheduled == ["nightly", "weekly-search", "causal-weekly"]
+    assert scheduled == ["nightly", "weekly-search", "causal-weekly", "every-15-minutes"]
+
+
+def test_the_on_data_trigger_hears_retrainable_watch_events_and_debounces_them():
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    [spec] = _deployments()["on-data"]["triggers"]
+    trigger = DeploymentEventTrigger(**spec)
+    assert trigger.expect == {"lora.data.changed", "lora.drift.detected"}
+    assert trigger.match.model_dump() == {
+        "prefect.resource.id": "lora.model.*",
+        "lora.retrain": "true",
+    }
+    assert trigger.posture == "Reactive" and trigger.threshold == 1
+    assert trigger.within.total_seconds() == trigger.schedule_after.total_seconds() == 300
+    assert set(trigger.parameters["trigger"]) >= {"event", "id", "new_rows", "data_sha256"}
 
 
 def test_the_compose_workers_and_database_hold_the_search_studies():

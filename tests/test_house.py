@@ -32,6 +32,7 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix decides
     ("tasks.kinds", 5),
     ("tasks.train_adapter", 5),  # the train stage's work, in-process or on each rank
     ("tasks.search", 5),  # the search stage: trials of the train stage's work
+    ("tasks.watch", 5),  # the data watch: reads what production was trained on
     ("tasks.stages", 6),
     ("flows", 7),
 ]

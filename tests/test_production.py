@@ -634,6 +634,155 @@ def test_the_weekly_search_runs_parallel_trials_on_both_gpu_workers(
     assert parent.data.tags["search.best_trial"] == str(best_trial(study).number)
 
 
+class AlertReceiver:
+    """A local HTTP endpoint standing in for the webhook: records every POSTed body."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                received.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alert"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _quick_on_data_trigger(api: str, config_path: Path) -> None:
+    """The on-data trigger with test-sized windows (5 min in prefect.yaml: within 30 s, run
+    5 s after the first event), and the deployment pointed at the tiny config."""
+    from datetime import timedelta
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("lora-retrain/on-data")
+        client.update_deployment(
+            deployment.id,
+            DeploymentUpdate(parameters={"config_path": str(config_path), "overrides": []}),
+        )
+        [automation] = [
+            a for a in client.read_automations()
+            if any(getattr(x, "deployment_id", None) == deployment.id for x in a.actions)
+        ]  # fmt: skip
+        automation.trigger.within = timedelta(seconds=30)
+        automation.actions[0].schedule_after = timedelta(seconds=5)
+        core = AutomationCore(**automation.model_dump(include=set(AutomationCore.model_fields)))
+        client.update_automation(automation.id, core)
+
+
+def _save_webhook_block(api: str, url: str) -> None:
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        CustomWebhookNotificationBlock(
+            name="test-receiver", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"}
+        ).save("test-receiver", overwrite=True)
+
+
+def test_new_rows_start_one_on_data_retrain_and_the_kept_candidate_alerts_the_webhook(
+    stack, mlflow_run, make_tiny_config, small_csv, demo_frame
+):
+    """The watch against production v1: unchanged data emits nothing and starts nothing; 60
+    new rows, watched twice in a row, emit their events twice and start exactly one
+    lora-retrain/on-data run, tagged with its trigger; its candidate is kept (promote off),
+    and the alert automation tells the webhook."""
+    client, _ = mlflow_run
+    work = stack["work"] / "watch"
+    work.mkdir()
+    source = work / "tickets.csv"
+    shutil.copy(small_csv, source)
+    config = make_tiny_config(
+        work,
+        [*on_the_servers(stack), f"data.path={source}", "registry.promote=false",
+         "watch.permutations=200"],
+    )  # fmt: skip
+    path = work / "watch-config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    receiver = AlertReceiver()
+    try:
+        _save_webhook_block(stack["api"], receiver.url)
+        env = _clean_env(PREFECT_API_URL=stack["api"], MLFLOW_TRACKING_URI=stack["mlflow_uri"],
+                         PREFECT_HOME=str(stack["work"] / "prefect-home"))  # fmt: skip
+
+        def cli(*args: str) -> dict:
+            done = subprocess.run(
+                [sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT,
+                capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-4000:]
+            return json.loads(done.stdout[done.stdout.index("{") :])
+
+        cli("alerts", "--block", "custom-webhook/test-receiver")
+        _quick_on_data_trigger(stack["api"], path)
+
+        def on_data_runs() -> list[dict]:
+            deployment = _deployment(stack, "lora-retrain/on-data")["id"]
+            return _get_json(
+                f"{stack['api']}/flow_runs/filter",
+                {"flow_runs": {"deployment_id": {"any_": [deployment]}}},
+            )
+
+        unchanged = cli("watch", "--config", str(path))
+        assert unchanged["events"] == [] and unchanged["new_rows"] == 0
+        assert unchanged["version"] == "1"
+        seen = set(pd_read(small_csv)["text"])
+        new = demo_frame[~demo_frame["text"].isin(seen)].head(60)
+        new.to_csv(source, mode="a", header=False, index=False)
+        first = cli("watch", "--config", str(path))
+        second = cli("watch", "--config", str(path))
+        assert first["events"][0] == second["events"][0] == "lora.data.changed"
+        assert first["new_rows"] == 60 and len(first["event_ids"]) == len(first["events"])
+        assert wait_until(lambda: len(on_data_runs()) >= 1, 120), stack["procs"].logs()
+        [retrain] = on_data_runs()
+
+        def final() -> bool:
+            return _flow_run(stack, retrain["id"])["state"]["type"] in ("COMPLETED", "FAILED")
+
+        assert wait_until(final, 600), stack["procs"].logs()
+        time.sleep(30)  # the debounce window has passed: a second run would exist by now
+        runs = on_data_runs()
+        assert len(runs) == 1, [r["name"] for r in runs]  # two checks, four events, one run
+        retrain = _flow_run(stack, retrain["id"])
+        assert retrain["state"]["type"] == "COMPLETED", stack["procs"].logs()
+        assert "trigger:lora.data.changed" in retrain["tags"]
+        assert retrain["parameters"]["trigger"]["new_rows"] == "60"
+        [mlflow_tag] = [t for t in retrain["tags"] if t.startswith("mlflow-run:")]
+        run = client.get_run(mlflow_tag.removeprefix("mlflow-run:"))
+        assert run.data.tags["trigger.event"] == "lora.data.changed"
+        assert run.data.tags["trigger.event_id"] in first["event_ids"] + second["event_ids"]
+        assert wait_until(lambda: any("lora.candidate.kept" in r for r in receiver.received), 120)
+        [alert] = [r for r in receiver.received if "lora.candidate.kept" in r]
+        assert "tiny-classifier" in alert
+        assert not any("drift, not enough" in r for r in receiver.received)
+    finally:
+        receiver.close()
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
 def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny_config):
     """Cancel the retrain flow run through the API while both nodes' ranks train: the
     lora-train runs are cancelled with it and no rank process is left."""

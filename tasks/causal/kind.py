@@ -21,6 +21,7 @@ from tasks.causal.serving import (
 from tasks.causal.train import search_objective, training_setup
 
 NAME = "causal_lm"
+WATCHED = False  # no labels, and the prepared data keeps no prompt texts to compare
 DESCRIPTION = (
     "LoRA-tuned chat decoder (causal_lm): a prompt or a conversation in, a greedy answer out; "
     "merged, exported to ONNX with a KV cache and quantized."
@@ -30,6 +31,7 @@ __all__ = [
     "DESCRIPTION",
     "NAME",
     "SERVING_CODE",
+    "WATCHED",
     "compare",
     "evaluate",
     "export",

@@ -21,6 +21,7 @@ from tasks.classification.serving import (
 from tasks.classification.train import search_objective, training_setup
 
 NAME = "sequence_classification"
+WATCHED = True  # text and label columns: the data watch reads them
 DESCRIPTION = (
     "LoRA-tuned text classifier (sequence_classification): a text in, a label with its score "
     "and class probabilities out; merged, exported to ONNX and quantized."
@@ -30,6 +31,7 @@ __all__ = [
     "DESCRIPTION",
     "NAME",
     "SERVING_CODE",
+    "WATCHED",
     "compare",
     "evaluate",
     "export",

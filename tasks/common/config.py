@@ -705,6 +705,34 @@ def _changed(section: BaseModel, key: str) -> bool:
     )
 
 
+class WatchConfig(_Section):
+    """The data watch (`lora-watch`): compares the data source, and optionally recent traffic,
+    with what the `production` model was trained on, and emits events when they differ."""
+
+    source: str | None = Field(
+        None, description="Data to watch (a file or folder like data.path); None: data.path."
+    )
+    traffic: str | None = Field(
+        None,
+        description="Texts the production model served recently (CSV/JSONL/Parquet file or a "
+        "folder of them, column data.text_column): tested for drift without labels.",
+    )
+    min_new_rows: int = Field(
+        50, gt=0, le=100_000_000, description="New or changed labelled rows that mean retrain."
+    )
+    sample_size: int = Field(
+        256, ge=16, le=100_000, description="Texts per side in the length and embedding tests."
+    )
+    label_alpha: float = Field(0.01, gt=0, lt=1, description="Chi-square test of label balance.")
+    length_alpha: float = Field(0.01, gt=0, lt=1, description="KS test of text lengths.")
+    embedding_alpha: float = Field(
+        0.01, gt=0, lt=1, description="MMD permutation test of the production model's embeddings."
+    )
+    permutations: int = Field(500, ge=50, le=100_000, description="MMD permutations.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the samples and permutations.")
+    alias: str = Field("production", min_length=1, description="Registry alias compared with.")
+
+
 class OutputConfig(_Section):
     """What stays in output_dir after a run."""
 
@@ -736,6 +764,7 @@ class PipelineConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
     output_dir: str = Field(
         "outputs", min_length=1, description="Local working folder for stage outputs."
     )

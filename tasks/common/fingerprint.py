@@ -12,7 +12,8 @@ import json
 from tasks.common.config import PipelineConfig
 from tasks.common.datasets import content_sha256, find_split_files
 
-IGNORED = ("tracking", "output_dir")  # where results go does not change what is trained
+IGNORED = ("tracking", "output_dir", "watch")  # where results go, and the data watch (it
+# decides when to retrain), do not change what is trained
 
 
 def pipeline_key(config: PipelineConfig) -> str:
