@@ -744,6 +744,8 @@ def test_new_rows_start_one_on_data_retrain_and_the_kept_candidate_alerts_the_we
         unchanged = cli("watch", "--config", str(path))
         assert unchanged["events"] == [] and unchanged["new_rows"] == 0
         assert unchanged["version"] == "1"
+        time.sleep(10)  # an event would have been evaluated by now
+        assert on_data_runs() == []  # no event, no run
         seen = set(pd_read(small_csv)["text"])
         new = demo_frame[~demo_frame["text"].isin(seen)].head(60)
         new.to_csv(source, mode="a", header=False, index=False)
