@@ -18,13 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from datasets import DatasetDict, load_from_disk
-from torch.distributed.elastic.multiprocessing.errors import record
 from transformers import TrainerCallback, set_seed
 from transformers.utils import logging as hf_logging
 
 from tasks.common.config import PipelineConfig, config_from_dict
 from tasks.common.console import log_to_stderr
 from tasks.common.distributed import is_distributed, launch
+from tasks.common.elastic import record
 from tasks.common.errors import TrainingError
 from tasks.common.processes import watch
 from tasks.common.stage import StageContext

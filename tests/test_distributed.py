@@ -292,3 +292,32 @@ def test_fsdp_shards_gather_into_the_adapter_one_process_trains(tmp_path):
         model = peft.PeftModel.from_pretrained(base, str(tmp_path / folder)).eval()
         logits.append(model(input_ids=ids).logits)
     assert torch.allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_a_ranks_error_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The agent reads every failed rank's error file while it stops the others: the file
+    appears complete in one rename, never half written."""
+    from tasks.common.elastic import AtomicErrorHandler, record
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    opened = []
+    real_open = open
+
+    def watching_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watching_open)
+
+    @record
+    def rank():
+        raise ValueError("rank 1 ran out of patience")
+
+    with pytest.raises(ValueError):
+        rank()
+    assert str(error_file) not in opened  # written elsewhere, then renamed into place
+    data = json.loads(error_file.read_text())
+    assert data["message"]["message"] == "ValueError: rank 1 ran out of patience"
+    assert list(tmp_path.iterdir()) == [error_file]
+    assert AtomicErrorHandler().partial is None

@@ -18,18 +18,49 @@ this process keeps a handle on it.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler
+from torch.distributed.elastic.multiprocessing.errors import record as torch_record
 from torch.distributed.elastic.rendezvous import registry
 from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 from torch.distributed.run import parse_args, run
 
 BACKEND = "c10d-observed"
+
+
+class AtomicErrorHandler(ErrorHandler):
+    """torch's error handler, writing a rank's error file whole or not at all (to a partial
+    file, then renamed). When one rank dies the agent SIGTERMs the others and reads every
+    failed rank's error file: one caught mid-write was empty, the agent's JSON parse failed
+    and torchrun exited 1 instead of restarting the group."""
+
+    partial: str | None = None
+
+    def _get_error_file_path(self) -> str | None:
+        return self.partial or super()._get_error_file_path()
+
+    def record_exception(self, e: BaseException) -> None:
+        final = super()._get_error_file_path()
+        if final is None:
+            super().record_exception(e)
+            return
+        self.partial = f"{final}.partial"
+        try:
+            super().record_exception(e)
+        finally:
+            self.partial = None
+        os.replace(f"{final}.partial", final)
+
+
+def record(fn):
+    """torch's @record (a rank's exception reaches the agent as its message), atomically."""
+    return torch_record(fn, error_handler=AtomicErrorHandler())
 
 
 class Rendezvous:
