@@ -11,8 +11,8 @@ Printed: each arm's validation score (A: the last epoch's eval/macro_f1; B: the 
 and test macro-F1 / accuracy from the evaluate stage (the test split is read only there), the
 winner's values, the trials by outcome, and the cost: the search's wall time against
 n_trials x A's training time, and what pruning saved: 1 - (seconds the trials trained) /
-(seconds they would have trained unpruned; a pruned trial's time scaled by epochs / epochs
-scored). Goal: B's test macro-F1 above A's, pruning saving at least 30% of the trial time.
+(seconds they would have trained unpruned; a pruned trial's time scaled by epochs / the
+epoch it was stopped at). Goal: B's test macro-F1 above A's, pruning saving at least 30% of the trial time.
 
 Run:  .venv/bin/python benchmarks/search.py [--trials 12] [--json out.json] [--set KEY=VALUE]
 """
@@ -74,11 +74,12 @@ def arm(config_path: Path, store: Path, overrides: list[str]) -> dict:
 
 
 def pruning_saving(frame, epochs: float) -> float:
-    """1 - trained seconds / seconds unpruned (a pruned trial's scaled to every epoch)."""
+    """1 - trained seconds / seconds unpruned (a pruned trial's scaled by epochs / the epoch
+    it was stopped at)."""
     done = frame[frame["state"].isin(["complete", "pruned"])]
     spent = float(done["seconds"].sum())
     scale = [
-        epochs / max(row.epochs_scored, 1) if row.state == "pruned" else 1.0
+        epochs / row.stopped_at_epoch if row.state == "pruned" else 1.0
         for row in done.itertuples()
     ]
     unpruned = float(sum(s * f for s, f in zip(done["seconds"], scale, strict=True)))

@@ -72,8 +72,7 @@ def fail_untold(study: optuna.Study, flow_run) -> None:
     reason = f"flow run {flow_run.name} ended {state.name}: {(state.message or '').strip()}"
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(studies.FLOW_RUN_ATTR) == str(flow_run.id):
-            study._storage.set_trial_user_attr(trial._trial_id, studies.FAIL_REASON, reason)
-            study.tell(trial.number, state=TrialState.FAIL)
+            studies.fail_trial(study, trial, studies.FAIL_REASON, reason)
 
 
 def cancel_leftovers(client, run_id: str) -> None:

@@ -19,8 +19,9 @@ import optuna
 import pytest
 import yaml
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from prefect.states import Completed, Failed, Running
+from prefect.states import Completed, Crashed, Failed, Running
 from safetensors import safe_open
+from transformers import TrainerControl, TrainerState
 
 import flows.search as search_flows
 import tasks.train_adapter as train_adapter_module
@@ -31,6 +32,7 @@ from tasks.common.faults import KILL_AT_ENV
 from tasks.common.tracking import Tracking, start_pipeline_run
 from tasks.search import study as studies
 from tasks.search.report import trials_frame
+from tasks.search.trial import PruningReporter
 
 SPACE = [  # small and quick: what the default space searches, over values the tiny BERT likes
     'search.space={"lora.r": {"choices": [2, 4]}, "lora.alpha": {"choices": [1, 2], '
@@ -140,15 +142,38 @@ def test_the_median_pruner_stops_a_trial_below_the_median_after_one_epoch():
         trial = study.ask()
         trial.report(value, step=1)
         study.tell(trial, value)
-    from transformers import TrainerControl
-
-    from tasks.search.trial import PruningReporter
-
     for score, pruned in ((0.2, True), (0.95, False)):
         reporter = PruningReporter(study.ask(), "macro_f1")
         control = TrainerControl()
-        reporter.on_evaluate(None, None, control, metrics={"eval_macro_f1": score})
+        after_one = TrainerState(global_step=10, max_steps=30, epoch=1.0)
+        reporter.on_evaluate(None, after_one, control, metrics={"eval_macro_f1": score})
         assert reporter.pruned is pruned and control.should_training_stop is pruned
+        control.should_evaluate = True  # the epoch's end, where a pruned trial is not scored
+        reporter.on_epoch_end(None, after_one, control)
+        assert control.should_evaluate is not pruned
+    assert study.trials[2].user_attrs[studies.EPOCHS_ATTR] == 1.0  # where it was stopped
+    last = PruningReporter(study.ask(), "macro_f1")  # below the median, but training is done
+    done = TrainerState(global_step=30, max_steps=30, epoch=3.0)
+    last.on_evaluate(None, done, TrainerControl(), metrics={"eval_macro_f1": 0.1})
+    assert not last.pruned
+
+
+def test_the_pruner_hears_scores_within_an_epoch():
+    """reports_per_epoch=2 on 9 steps an epoch: an extra evaluation after step 5 of each epoch;
+    the epoch's end is the Trainer's own."""
+    reporter = PruningReporter(None, "macro_f1", per_epoch=2)
+    args = SimpleNamespace(gradient_accumulation_steps=2)
+    reporter.on_train_begin(args, None, None, train_dataloader=range(18))
+    asked = []
+    state = TrainerState(global_step=0, max_steps=27)
+    for _ in range(3):
+        reporter.on_epoch_begin(args, state, None)
+        for _ in range(9):
+            state.global_step += 1
+            control = TrainerControl()
+            reporter.on_step_end(args, state, control)
+            asked += [state.global_step] if control.should_evaluate else []
+    assert asked == [5, 14, 23]
 
 
 def _median():
@@ -168,7 +193,7 @@ def test_a_search_prunes_trials_in_practice(first_search):
         earlier = [
             t.intermediate_values[step]
             for t in study.trials[: trial.number]
-            if t.state in done and step in t.intermediate_values
+            if t.state == done[0] and step in t.intermediate_values  # Optuna: complete ones
         ]
         assert trial.intermediate_values[step] < statistics.median(earlier)
 
@@ -445,3 +470,19 @@ def test_the_cli_refuses_a_bad_space_with_exit_2_naming_the_key(cli):
     assert result.returncode == 2
     assert "search.space.train.learning_rate: inverted range" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_trial_flow_run_that_ends_without_telling_fails_its_trial_only(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    crashed, alive = study.ask(), study.ask()
+    crashed.set_user_attr(studies.FLOW_RUN_ATTR, "run-a")
+    alive.set_user_attr(studies.FLOW_RUN_ATTR, "run-b")
+    ended = SimpleNamespace(id="run-a", name="r-search-001", state=Crashed(message="worker died"))
+    search_flows.fail_untold(study, ended)
+    first, second = study.get_trials()
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert (
+        first.user_attrs[studies.FAIL_REASON] == "flow run r-search-001 ended Crashed: worker died"
+    )
+    assert second.state == optuna.trial.TrialState.RUNNING  # another flow run's trial goes on
+    assert studies.counts(study).failed == 1 and studies.counts(study).running == 1

@@ -621,7 +621,15 @@ class SearchConfig(_Section):
         4, ge=0, le=10_000, description="Random trials before TPE models the results."
     )
     pruner: Literal["median", "successive_halving", "none"] = Field(
-        "median", description="Stop trials whose per-epoch validation score falls behind."
+        "median",
+        description="Stop trials whose validation score falls behind (median of "
+        "the complete trials' at the same report, or successive halving).",
+    )
+    reports_per_epoch: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Validation scores per epoch that the pruner hears (1: epoch ends only).",
     )
     pruner_startup_trials: int = Field(
         2, ge=0, le=10_000, description="Finished trials before the median pruner prunes."

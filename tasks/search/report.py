@@ -35,23 +35,27 @@ def trial_state(trial: FrozenTrial) -> str:
     return STATES[trial.state]
 
 
+def trial_seconds(trial: FrozenTrial) -> float | None:
+    """How long a finished trial ran (None while it runs)."""
+    if trial.datetime_complete and trial.datetime_start:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return None
+
+
 def trials_frame(study: optuna.Study, config: PipelineConfig) -> pd.DataFrame:
-    """One row per trial: its number, state, score, epochs scored, values and MLflow run."""
+    """One row per trial: its number, state, score, validation scores reported (and the
+    epoch a pruned one was stopped at), values and MLflow run."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         values = values_of(trial.params, config.search.space) if trial.params else {}
-        seconds = (
-            (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if trial.datetime_complete and trial.datetime_start
-            else None
-        )
         rows.append(
             {
                 "trial": trial.number,
                 "state": trial_state(trial),
                 "value": trial.value,
-                "epochs_scored": len(trial.intermediate_values),
-                "seconds": seconds,
+                "scores": len(trial.intermediate_values),
+                "stopped_at_epoch": trial.user_attrs.get(studies.EPOCHS_ATTR),
+                "seconds": trial_seconds(trial),
                 **{key: label(value) for key, value in values.items()},
                 "trainable_params": trial.user_attrs.get(studies.PARAMS_ATTR),
                 "mlflow_run_id": trial.user_attrs.get(studies.RUN_ATTR),
@@ -79,9 +83,7 @@ def summary(study: optuna.Study, config: PipelineConfig, metric: str) -> dict[st
         "best_run_id": best.user_attrs.get(studies.RUN_ATTR) if best else None,
         "chosen": values_of(best.params, config.search.space) if best else {},
         "trial_seconds": sum(
-            (t.datetime_complete - t.datetime_start).total_seconds()
-            for t in study.get_trials(deepcopy=False)
-            if t.datetime_complete and t.datetime_start
+            seconds for t in study.get_trials(deepcopy=False) if (seconds := trial_seconds(t))
         ),
     }
 

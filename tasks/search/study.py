@@ -28,6 +28,7 @@ FAIL_REASON = "fail_reason"
 RUN_ATTR = "mlflow_run_id"
 FLOW_RUN_ATTR = "prefect_flow_run_id"  # the flow run that ran the trial ("none": in process)
 PARAMS_ATTR = "trainable_params"
+EPOCHS_ATTR = "epochs_trained"  # where a pruned trial was stopped
 optuna.logging.set_verbosity(logging.WARNING)  # its per-trial INFO lines: ours say more
 
 
@@ -134,9 +135,15 @@ def fail_interrupted(study: optuna.Study) -> list[FrozenTrial]:
     (call it only where nothing else runs this study's trials); returns them."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
     for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        fail_trial(study, trial, INTERRUPTED, True)
     return stale
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, attr: str, value) -> None:
+    """Fail a trial that another process was running (Optuna's tell works only on trials
+    this process may finish), marking why in its user attribute `attr`."""
+    study._storage.set_trial_user_attr(trial._trial_id, attr, value)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

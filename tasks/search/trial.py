@@ -2,7 +2,8 @@
 
 The same function runs a trial in the pipeline's process and in a `lora-train` flow run on
 the gpu pool (flows/train.py): only the config, the data record and the run ids travel. The
-pruner hears every per-epoch validation score and can stop the trial between epochs.
+pruner hears the validation score search.reports_per_epoch times an epoch and can stop
+the trial at any of them.
 """
 
 from __future__ import annotations
@@ -46,25 +47,49 @@ class TrialOutcome:
 
 
 class PruningReporter(TrainerCallback):
-    """Reports each evaluation's score of `metric` to the trial; stops training (between
-    epochs, the adapter is still saved) when the pruner says so."""
+    """Reports the validation score of `metric` to the trial `per_epoch` times an epoch (the
+    Trainer scores epoch ends; this asks for the scores in between) and stops training when
+    the pruner says so. The last score is never pruned: the training it would save is done."""
 
-    def __init__(self, trial: optuna.Trial, metric: str):
-        self.trial, self.key = trial, f"eval_{metric}"
+    def __init__(self, trial: optuna.Trial, metric: str, per_epoch: int = 1):
+        self.trial, self.key, self.per_epoch = trial, f"eval_{metric}", per_epoch
         self.scores: list[float] = []
         self.pruned = False
+        self.epoch_steps = self.epoch_start = 0
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is not None:
+            self.epoch_steps = max(len(train_dataloader) // args.gradient_accumulation_steps, 1)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch_start = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = math.ceil(self.epoch_steps / self.per_epoch)
+        into = state.global_step - self.epoch_start
+        if self.per_epoch > 1 and every and into % every == 0 and into < self.epoch_steps:
+            control.should_evaluate = True  # the epoch end's is the Trainer's own
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.pruned:  # stopped within the epoch: not the epoch end's evaluation too
+            control.should_evaluate = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.pruned:
+            return
         value = float((metrics or {}).get(self.key, math.nan))
         self.scores.append(value)
         if not math.isfinite(value):
             raise TrainingError(
                 f"validation {self.key.removeprefix('eval_')} is {value} after epoch "
-                f"{len(self.scores)}: the trial diverged (its learning rate is too high?)"
+                f"{getattr(state, 'epoch', None) or len(self.scores)}: the trial diverged "
+                f"(its learning rate is too high?)"
             )
         self.trial.report(value, step=len(self.scores))
-        if self.trial.should_prune():
+        last = state is not None and state.global_step >= state.max_steps
+        if not last and self.trial.should_prune():
             self.pruned = control.should_training_stop = True
+            self.trial.set_user_attr(studies.EPOCHS_ATTR, float(state.epoch or 0))
 
 
 def start_trial_run(tracking: Tracking, parent_run_id: str, number: int, values: dict) -> str:
@@ -126,7 +151,7 @@ def train_trial(
 ) -> TrialOutcome:
     """Train one trial's config into its run; a failure (NaN loss, out of memory) is the
     trial's outcome, not the search's."""
-    reporter = PruningReporter(trial, metric)
+    reporter = PruningReporter(trial, metric, config.search.reports_per_epoch)
     distributed = is_distributed(config)  # ranks in other processes: scores from MLflow
     try:
         with open_stage(config, run_id, "train_lora") as stage:
