@@ -8,6 +8,7 @@ truncation and packing figures. Any change to a split, a label id or a token id 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -268,3 +269,25 @@ def test_several_processes_give_the_same_splits_and_the_first_bad_record(
         f"data file {path}, record 601: the last message must be the assistant's (the response "
         "to learn)"
     )
+
+
+@pytest.mark.parametrize("before", ["true", None])
+def test_a_parallel_map_leaves_the_fast_tokenizer_its_threads(monkeypatch, before):
+    """datasets' map(num_proc) writes TOKENIZERS_PARALLELISM=false into the C environment (the
+    one the Rust tokenizer reads) and restores only Python's mapping: parallel_map puts the C
+    value back, so tokenizing after it is not left on one thread."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    key = common_datasets.TOKENIZER_THREADS
+    if before is None:
+        monkeypatch.delenv(key, raising=False)
+    else:
+        monkeypatch.setenv(key, before)
+    monkeypatch.setattr(common_datasets, "ROWS_PER_PROCESS", 10)
+    rows = Dataset.from_dict({"n": list(range(40))})
+    doubled = common_datasets.parallel_map(
+        rows, lambda b: {"n": [2 * n for n in b["n"]]}, batched=True
+    )
+    assert doubled["n"] == [2 * n for n in range(40)]
+    seen = libc.getenv(key.encode())
+    assert (seen.decode() if seen else None) == before and os.environ.get(key) == before

@@ -48,7 +48,7 @@ from tasks.common.datasets import (
     gather,
     load_rows,
     log_dataset_inputs,
-    map_processes,
+    parallel_map,
     sha16,
 )
 from tasks.common.errors import DataError
@@ -127,13 +127,13 @@ def read_conversations(path: Path, data: DataConfig) -> tuple[Rows, int]:
     not blank and the count of blank ones."""
     rows = load_rows(path, data)
     columns = record_columns(rows.column_names, data, path)
-    table = rows.map(
+    table = parallel_map(
+        rows,
         records_batch,
         batched=True,
         with_indices=True,
         fn_kwargs={"columns": columns, "data": data},
         remove_columns=rows.column_names,
-        num_proc=map_processes(len(rows)),
         desc="reading records",
     )
     error = first_error(table)
@@ -206,13 +206,13 @@ def tokenize_split(rows: Rows, tokenizer, max_length: int, name: str, prompts: b
     """Encode each conversation; drop (and count) those left with no response token. Returns
     the kept rows, their encoded Dataset and the dropped count."""
     options = {"tokenizer": tokenizer, "max_length": max_length, "name": name, "prompts": prompts}
-    encoded = rows.dataset(["conversation"]).map(
+    encoded = parallel_map(
+        rows.dataset(["conversation"]),
         encode_batch,
         batched=True,
         with_indices=True,
         fn_kwargs=options,
         remove_columns=["conversation"],
-        num_proc=map_processes(len(rows)),
         desc=f"tokenizing {name}",
     )
     error = first_error(encoded)

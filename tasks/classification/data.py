@@ -38,7 +38,7 @@ from tasks.common.datasets import (
     finish_splits,
     load_rows,
     log_dataset_inputs,
-    map_processes,
+    parallel_map,
     require_text,
     sha16,
 )
@@ -107,11 +107,8 @@ def clean_batch(batch: pa.Table) -> pa.Table:
 def clean(rows: Dataset, where: str) -> tuple[Rows, dict[str, int], Counter]:
     """Strip texts and labels, drop empty texts, missing labels and exact duplicates; returns
     the rows, the drop counts and how often each label was written (before stripping)."""
-    table = (
-        rows.with_format("arrow")
-        .map(clean_batch, batched=True, num_proc=map_processes(len(rows)), desc="cleaning")
-        .with_format(None)
-    )
+    arrow = rows.with_format("arrow")
+    table = parallel_map(arrow, clean_batch, batched=True, desc="cleaning").with_format(None)
     empty = table.data.column("empty").to_numpy()
     no_label = table.data.column("no_label").to_numpy()
     kept = ~empty & ~no_label
@@ -256,16 +253,20 @@ def tokenize(splits: dict[str, Dataset], label_names: list[str], config: Pipelin
     for name in SPLITS:
         if name not in splits:
             continue
-        encoded = splits[name].map(
-            encode_batch,
-            batched=True,
-            fn_kwargs={
+        options = {
+            "function": encode_batch,
+            "batched": True,
+            "fn_kwargs": {
                 "tokenizer": tokenizer,
                 "label_ids": label_ids,
                 "max_length": config.data.max_length,
             },
-            num_proc=None if tokenizer.is_fast else map_processes(len(splits[name])),
-            desc=f"tokenizing {name}",
+            "desc": f"tokenizing {name}",
+        }
+        encoded = (
+            splits[name].map(**options)
+            if tokenizer.is_fast
+            else parallel_map(splits[name], **options)
         )
         truncated[name] = int(pc.sum(encoded.data.column("truncated")).as_py() or 0)
         parts[name] = encoded.remove_columns("truncated")
