@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest import DEMO_CSV, ROOT
 from datasets import Dataset
@@ -23,7 +24,14 @@ from transformers import BertTokenizer
 
 from tasks.causal.data import build_conversation_splits, encode_splits, pack_split
 from tasks.causal.formatting import Encoded, ensure_chat_template, pack
-from tasks.classification.data import build_splits, check_labels, encode_batch, tokenize
+from tasks.classification.data import (
+    build_splits,
+    check_labels,
+    encode_arrow,
+    encode_batch,
+    tokenize,
+    truncating,
+)
 from tasks.common import datasets as common_datasets
 from tasks.common.config import ModelConfig, config_from_dict
 from tasks.common.errors import DataError
@@ -207,7 +215,8 @@ def test_causal_demo_gives_the_reference_tokens(
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_one_tokenizer_pass_counts_truncation_as_two_passes_did(fast):
-    """encode_batch (one pass, truncation from the overflow) equals tokenizing twice: the ids
+    """encode_arrow / encode_batch (one pass, truncation from the overflow) equal tokenizing
+    twice: the ids
     of truncation=True and a count of the texts longer than max_length untruncated."""
     folder = resolve_model_path(MINILM)
     tokenizer = load_tokenizer(ModelConfig(name_or_path=MINILM))
@@ -216,7 +225,16 @@ def test_one_tokenizer_pass_counts_truncation_as_two_passes_did(fast):
     assert tokenizer.is_fast is fast
     texts = ["short", "a b c d e f g h", "one two three four five six seven", "x " * 40, "é ü"]
     batch = {"text": texts, "label": ["a", "b", "a", "b", "a"]}
-    got = encode_batch(batch, tokenizer, {"a": 0, "b": 1}, max_length=8)
+    if fast:
+        backend = truncating(tokenizer, 8)
+        names = tokenizer.model_input_names
+        got = encode_arrow(pa.table(batch), backend, names, {"a": 0, "b": 1}).to_pydict()
+        assert (
+            got["token_type_ids"]
+            == tokenizer(texts, truncation=True, max_length=8)["token_type_ids"]
+        )
+    else:
+        got = encode_batch(batch, tokenizer, {"a": 0, "b": 1}, max_length=8)
     want = tokenizer(texts, truncation=True, max_length=8)
     full = tokenizer(texts, truncation=False)["input_ids"]
     assert got["input_ids"] == want["input_ids"] and got["labels"] == [0, 1, 0, 1, 0]
