@@ -12,7 +12,8 @@ and test macro-F1 / accuracy from the evaluate stage (the test split is read onl
 winner's values, the trials by outcome, and the cost: the search's wall time against
 n_trials x A's training time, and what pruning saved: 1 - (seconds the trials trained) /
 (seconds they would have trained unpruned; a pruned trial's time scaled by epochs / the
-epoch it was stopped at). Goal: B's test macro-F1 above A's, pruning saving at least 30% of the trial time.
+epoch it was stopped at). Goal: B's test macro-F1 above A's, pruning saving at least 30% of
+the trial time.
 
 Run:  .venv/bin/python benchmarks/search.py [--trials 12] [--json out.json] [--set KEY=VALUE]
 """
@@ -79,8 +80,7 @@ def pruning_saving(frame, epochs: float) -> float:
     done = frame[frame["state"].isin(["complete", "pruned"])]
     spent = float(done["seconds"].sum())
     scale = [
-        epochs / row.stopped_at_epoch if row.state == "pruned" else 1.0
-        for row in done.itertuples()
+        epochs / row.stopped_at_epoch if row.state == "pruned" else 1.0 for row in done.itertuples()
     ]
     unpruned = float(sum(s * f for s, f in zip(done["seconds"], scale, strict=True)))
     return 1.0 - spent / unpruned if unpruned else 0.0

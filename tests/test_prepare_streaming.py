@@ -293,19 +293,29 @@ def test_several_processes_give_the_same_splits_and_the_first_bad_record(
 def test_a_parallel_map_leaves_the_fast_tokenizer_its_threads(monkeypatch, before):
     """datasets' map(num_proc) writes TOKENIZERS_PARALLELISM=false into the C environment (the
     one the Rust tokenizer reads) and restores only Python's mapping: parallel_map puts the C
-    value back, so tokenizing after it is not left on one thread."""
+    value back, so tokenizing after it is not left on one thread. (Not monkeypatch.setenv:
+    datasets replaces the os.environ object, and monkeypatch would undo on the old one.)"""
     libc = ctypes.CDLL(None)
     libc.getenv.restype = ctypes.c_char_p
     key = common_datasets.TOKENIZER_THREADS
-    if before is None:
-        monkeypatch.delenv(key, raising=False)
-    else:
-        monkeypatch.setenv(key, before)
     monkeypatch.setattr(common_datasets, "ROWS_PER_PROCESS", 10)
-    rows = Dataset.from_dict({"n": list(range(40))})
-    doubled = common_datasets.parallel_map(
-        rows, lambda b: {"n": [2 * n for n in b["n"]]}, batched=True
-    )
+    original = os.environ.get(key)
+    set_env(key, before)
+    try:
+        rows = Dataset.from_dict({"n": list(range(40))})
+        doubled = common_datasets.parallel_map(
+            rows, lambda b: {"n": [2 * n for n in b["n"]]}, batched=True
+        )
+        seen = libc.getenv(key.encode())
+        assert (seen.decode() if seen else None) == before and os.environ.get(key) == before
+    finally:
+        set_env(key, original)
     assert doubled["n"] == [2 * n for n in range(40)]
-    seen = libc.getenv(key.encode())
-    assert (seen.decode() if seen else None) == before and os.environ.get(key) == before
+
+
+def set_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+        os.unsetenv(key)
+    else:
+        os.environ[key] = value
