@@ -231,7 +231,7 @@ def build_splits(data: DataConfig) -> tuple[dict[str, Dataset], dict[str, int], 
 
 def truncating(tokenizer, max_length: int):
     """A copy of a fast tokenizer's Rust backend set up as `tokenizer(texts, truncation=True,
-    max_length=max_length)` sets up its own (no padding), for encode_batch."""
+    max_length=max_length)` sets up its own (no padding), for encode_arrow."""
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     backend.no_padding()
     backend.enable_truncation(
@@ -254,8 +254,8 @@ def encode_arrow(
 ) -> pa.Table:
     """A fast tokenizer's pass over an Arrow batch with its `truncating` backend: the ids go
     straight from Rust to Arrow (the ids, type ids and masks of `tokenizer(texts,
-    truncation=True, max_length=...)`, twice as fast); a text was truncated when it had tokens
-    left over."""
+    truncation=True, max_length=...)`, without BatchEncoding's Python lists); a text was
+    truncated when it had tokens left over."""
     encoded = backend.encode_batch_fast(batch.column("text").to_pylist(), add_special_tokens=True)
     labels = [label_ids[x] for x in batch.column("label").to_pylist()]
     columns = {"labels": pa.array(labels, pa.int64())}
