@@ -95,7 +95,12 @@ from tasks.classification.modeling import load_classifier  # noqa: E402
 from tasks.common.config import PipelineConfig, load_config  # noqa: E402
 from tasks.common.hardware import flops_per_token, peak_flops  # noqa: E402
 from tasks.common.models import lora_config, resolve_model_path  # noqa: E402
-from tasks.common.training import MODEL_INPUTS, pick_precision, training_arguments  # noqa: E402
+from tasks.common.training import (  # noqa: E402
+    MIXED_PRECISION,
+    MODEL_INPUTS,
+    pick_precision,
+    training_arguments,
+)
 
 ENGINES = ("lora_core", "peft")
 
@@ -426,6 +431,12 @@ def make_trainer(
             if arm == "lora_core_plain"
             else ours_args
         )
+    # The Trainer's accelerator takes its autocast from ACCELERATE_MIXED_PRECISION, which the
+    # last TrainingArguments built wrote: say what this arm's arguments ask (until 2026-12-07
+    # the "defaults" arms inherited our arm's bf16, so the fp32 baseline ran under bf16).
+    os.environ["ACCELERATE_MIXED_PRECISION"] = MIXED_PRECISION.get(
+        "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", "no"
+    )
     collator = CountingCollator(tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.remove_callback(PrinterCallback)
@@ -500,7 +511,11 @@ def train_lockstep(
             "tokens_per_s": collator.real / wall,
             "pad_share": 1 - collator.real / collator.padded,
             "group_by_length": setups[arm][0].args.group_by_length,
-            "precision": "bf16" if setups[arm][0].args.bf16 else "fp32",
+            # what the arm really trained under (accelerate's autocast), not what args asked
+            "precision": {"no": "fp32"}.get(
+                str(setups[arm][0].accelerator.mixed_precision),
+                str(setups[arm][0].accelerator.mixed_precision),
+            ),
         }
         if test_split is not None:
             results[arm]["test_accuracy"] = test_accuracy(

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -21,12 +22,18 @@ from tasks.common.config import QuantizeConfig
 from tasks.common.mixed_precision import kl_divergence, mix_sizes, units
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import (
+    CPU,
+    CPU_SESSION_CONFIG,
     ONNX_FILE,
     calibrate,
+    fuse_graph,
     graph_op_types,
     instruction_set,
     open_session,
+    optimum_export,
     rows_by_length,
+    session_config,
+    session_options,
     weighted_nodes,
 )
 from tasks.common.quantization import build_variants, choice_json, fp32_nodes_tag
@@ -39,7 +46,8 @@ def test_export_ships_a_fused_graph_that_matches_pytorch(run):
     ops = graph_op_types(onnx_dir / ONNX_FILE)
     layers = 2  # the tiny BERT's
     assert ops.get("Attention") == layers
-    assert ops.get("SkipLayerNormalization") == 2 * layers
+    # served on CPU: the residual Add and LayerNormalization stay apart (CPU_SESSION_CONFIG)
+    assert "SkipLayerNormalization" not in ops and ops.get("LayerNormalization") == 2 * layers
     assert ops.get("BiasGelu", 0) + ops.get("FastGelu", 0) + ops.get("Gelu", 0) == layers
     assert ops.get("EmbedLayerNormalization") == 1
     assert "Softmax" not in ops and "Erf" not in ops  # the unfused pieces are gone
@@ -122,6 +130,16 @@ def test_the_fragile_matmul_is_kept_in_fp32_and_the_mix_passes(run, tmp_path):
         if "/pooler/" in n or "classifier" in n
     ]
     assert head and all(n in c.kept_fp32 for c in choice.candidates for n in head)
+    # ... and in the graphs: no integer kernel computes a head node (the dynamic quantizer
+    # renames a Gemm to <Gemm>_MatMul before it reads the exclusions)
+    int8_kernels = {"MatMulInteger", "DynamicQuantizeMatMul", "QGemm", "QLinearMatMul"}
+    for candidate in choice.candidates:
+        quantized_head = [
+            node.name
+            for node in onnx.load(candidate.model_file).graph.node
+            if node.op_type in int8_kernels and node.name.startswith(tuple(head))
+        ]
+        assert quantized_head == [], (candidate.name, quantized_head)
     # the mix's graph has the fragile MatMul in fp32 and the rest in int8
     ops = {n.name: n.op_type for n in onnx.load(passing.model_file).graph.node}
     assert ops[FRAGILE] == "MatMul"
@@ -189,3 +207,23 @@ def test_mixed_precision_base_must_be_a_variant():
     with pytest.raises(ValueError, match="mixed_precision_base 'dynamic_per_channel' is not one"):
         QuantizeConfig(variants=["static_per_channel"])
     assert QuantizeConfig(variants=["static_per_channel"], mixed_precision_base=None)
+
+
+def test_skip_layer_norm_is_fused_only_for_cuda(run, tmp_path):
+    """CPU: no SkipLayerNormalization in our fusion pass nor in the session's own (its CPU
+    kernel is slower than the norm plus an Add); CUDA keeps the fusion."""
+    merged = run.fetch(run.merged.model)
+    for device, fused in (("cpu", False), ("cuda", True)):
+        folder = optimum_export(merged, tmp_path / device, "text-classification", None)
+        counts = fuse_graph(folder, "bert", device)
+        assert (counts.get("SkipLayerNormalization", 0) > 0) is fused
+        assert session_config(device) == ({} if fused else CPU_SESSION_CONFIG)
+    # the CPU session does not fuse them either (the session's optimized graph, saved)
+    options = session_options(1, "cpu")
+    options.optimized_model_filepath = str(tmp_path / "session.onnx")
+    ort.InferenceSession(str(tmp_path / "cpu" / ONNX_FILE), options, providers=[CPU])
+    assert "SkipLayerNormalization" not in graph_op_types(tmp_path / "session.onnx")
+    plain = ort.SessionOptions()  # onnxruntime's default does fuse them: the setting matters
+    plain.optimized_model_filepath = str(tmp_path / "default.onnx")
+    ort.InferenceSession(str(tmp_path / "cpu" / ONNX_FILE), plain, providers=[CPU])
+    assert graph_op_types(tmp_path / "default.onnx").get("SkipLayerNormalization", 0) > 0

@@ -48,7 +48,7 @@ def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> Onnx
     )
     copy_missing_files(merged_dir, out_dir)
     if config.export.fuse:
-        fused = fuse_graph(out_dir, ort_model_type(out_dir, "gpt2"))
+        fused = fuse_graph(out_dir, ort_model_type(out_dir, "gpt2"), config.serve.device)
         stage.run.log_metrics({f"onnx/fused.{op}": n for op, n in fused.items()})
     tokenizer = load_data_tokenizer(stage, data)
     prompts = probe_prompts(stage, data)

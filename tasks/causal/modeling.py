@@ -81,7 +81,7 @@ def load_base_causal_lm(model_cfg: ModelConfig):
 def open_causal_onnx(folder: Path, file_name: str, device: str = "cpu", num_threads: int = 0):
     """optimum's ORTModelForCausalLM (KV cache) on one ONNX file of an exported folder; asking
     for cuda and not getting the CUDA provider is an error, as for classifiers."""
-    options = session_options(num_threads)
+    options = session_options(num_threads, device)
     provider = providers_for(device)[0]
     model = ORTModelForCausalLM.from_pretrained(
         str(folder),

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import onnxruntime as ort
 import pandas as pd
 import torch
 from optimum.onnxruntime import ORTModelForCausalLM
@@ -61,8 +62,11 @@ class OnnxCausalLM(mlflow.pyfunc.PythonModel):
             "CUDAExecutionProvider" if spec.get("device") == "cuda" else "CPUExecutionProvider"
         )
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        options = ort.SessionOptions()
+        for key, value in spec.get("session_config", {}).items():
+            options.add_session_config_entry(key, value)  # what the checks ran with
         self.model = ORTModelForCausalLM.from_pretrained(
-            str(model_dir), file_name=spec["model_file"], provider=provider
+            str(model_dir), file_name=spec["model_file"], provider=provider, session_options=options
         )
         configured = self.model.generation_config.eos_token_id
         eos = [configured] if isinstance(configured, int) else list(configured or [])

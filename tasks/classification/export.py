@@ -31,7 +31,7 @@ def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> Onnx
         merged_dir, stage.stage_dir("onnx"), "text-classification", config.export.opset
     )
     if config.export.fuse:
-        fused = fuse_graph(out_dir, ort_model_type(out_dir, "bert"))
+        fused = fuse_graph(out_dir, ort_model_type(out_dir, "bert"), config.serve.device)
         stage.run.log_metrics({f"onnx/fused.{op}": n for op, n in fused.items()})
     texts = load_split(stage, data, "test")["text"]
     tokenizer = load_tokenizer(config.model)

@@ -1,7 +1,8 @@
 """Sequence classifiers: loading them with a head per label, and batched logits in either engine.
 
-PyTorch and onnxruntime batch texts the same way (eval.batch_size texts, each batch padded to
-its longest text), as the served model does: dynamic int8 scales depend on the batch.
+PyTorch and onnxruntime batch texts the same way as the served model does (the served pyfunc's
+length_grouped: at most eval.batch_size texts of similar length, each batch padded to its
+longest text): dynamic int8 scales depend on the batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
+from tasks.classification.onnx_text_classifier import length_grouped
 from tasks.common.config import LoraSection, ModelConfig
 from tasks.common.console import expected
 from tasks.common.errors import ConfigError, ModelError
@@ -87,22 +89,15 @@ def load_adapted_model(model_cfg: ModelConfig, adapter_dir: Path, label_names: S
     return with_adapter(model, adapter_dir)
 
 
-def encode_batches(
-    tokenizer, texts: Sequence[str], max_length: int, batch_size: int, tensors: str = "pt"
-):
-    """Tokenized batches of texts in order, each padded to its own longest text."""
-    for start in range(0, len(texts), batch_size):
-        yield tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors=tensors,
-        )
-
-
-def stack(outputs: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
+def in_order(batches, run, count: int) -> np.ndarray:
+    """run(arrays) on each (positions, arrays) batch, the rows put back in the texts' order."""
+    out = np.zeros((0, 0), dtype=np.float32)
+    for positions, arrays in batches:
+        logits = run(arrays)
+        if not out.size:
+            out = np.zeros((count, logits.shape[-1]), dtype=logits.dtype)
+        out[positions] = logits
+    return out
 
 
 @torch.inference_mode()
@@ -113,15 +108,16 @@ def predict_logits(
     max_length: int,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """fp32 logits of a PyTorch classifier for texts, batched with dynamic padding."""
+    """fp32 logits of a PyTorch classifier for texts, batched as the served model batches."""
     model.eval()
     device = next(model.parameters()).device
-    return stack(
-        [
-            model(**batch.to(device)).logits.float().cpu().numpy()
-            for batch in encode_batches(tokenizer, texts, max_length, batch_size)
-        ]
-    )
+
+    def run(arrays):
+        batch = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+        return model(**batch).logits.float().cpu().numpy()
+
+    batches = length_grouped(tokenizer, list(texts), max_length, batch_size)
+    return in_order(batches, run, len(texts))
 
 
 def session_feed(session: ort.InferenceSession, batch) -> dict[str, np.ndarray]:
@@ -138,9 +134,8 @@ def session_logits(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Logits of an ONNX classifier for texts, batched exactly like the PyTorch path."""
-    return stack(
-        [
-            session.run(["logits"], session_feed(session, batch))[0]
-            for batch in encode_batches(tokenizer, texts, max_length, batch_size, tensors="np")
-        ]
-    )
+
+    def run(arrays):
+        return session.run(["logits"], session_feed(session, arrays))[0]
+
+    return in_order(length_grouped(tokenizer, list(texts), max_length, batch_size), run, len(texts))

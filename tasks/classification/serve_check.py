@@ -3,7 +3,9 @@
 The merged PyTorch model is timed in the same run as the baseline, one engine at a time, with
 the same thread count: fp32 eager, and on a CPU with bf16 matrix kernels (AMX-BF16,
 AVX512-BF16) also under bf16 autocast, the fastest PyTorch there is on such a CPU. Each engine
-is timed with and without tokenization; the speedups are against both peers.
+is timed with and without tokenization; the speedups are against both peers. The served model
+is timed as it serves a request (texts batched by length, as its pyfunc does); PyTorch as its
+users run it (one batch padded to its longest text).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from tasks.classification.data import label_names, load_split
 from tasks.classification.metrics import classification_metrics
 from tasks.classification.modeling import load_classifier, session_feed, session_logits
+from tasks.classification.onnx_text_classifier import length_grouped
 from tasks.common.config import PipelineConfig
 from tasks.common.hardware import bf16_kernels
 from tasks.common.latency import latency_ms, throughput
@@ -27,11 +30,21 @@ from tasks.records import MergedModel, PreparedData, QuantizedModel, ServeReport
 PEERS = {"torch": "speedup", "torch_bf16": "speedup_vs_bf16"}  # peer engine -> metric group
 
 
-def _runners(session, torch_model, tokenizer, max_length: int, bf16: bool):
-    """Per engine: run(pre-tokenized batch) and run_text(list of texts)."""
+def _engines(session, torch_model, tokenizer, max_length: int, batch_size: int, bf16: bool):
+    """Per engine: prepare(texts) -> its input, and run(input). The served ONNX model takes
+    the texts as the pyfunc does (length_grouped: batches of similar length); PyTorch, the
+    peer, takes them as one batch padded to its longest text, as transformers users do."""
 
-    def onnx_run(batch):
-        return session.run(["logits"], session_feed(session, batch))
+    def grouped(texts):
+        return list(length_grouped(tokenizer, texts, max_length, batch_size))
+
+    def padded(texts):
+        return tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+        )
+
+    def onnx_run(batches):
+        return [session.run(["logits"], session_feed(session, b)) for _, b in batches]
 
     @torch.inference_mode()
     def torch_run(batch):
@@ -41,20 +54,10 @@ def _runners(session, torch_model, tokenizer, max_length: int, bf16: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return torch_run(batch)
 
-    def with_tokenizer(run):
-        return lambda texts: run(
-            tokenizer(
-                texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
-            )
-        )
-
-    runners = {
-        "onnx": (onnx_run, with_tokenizer(onnx_run)),
-        "torch": (torch_run, with_tokenizer(torch_run)),
-    }
+    engines = {"onnx": (grouped, onnx_run), "torch": (padded, torch_run)}
     if bf16:
-        runners["torch_bf16"] = (torch_bf16_run, with_tokenizer(torch_bf16_run))
-    return runners
+        engines["torch_bf16"] = (padded, torch_bf16_run)
+    return engines
 
 
 def speedups(timings: dict[str, float], sizes: list[int]) -> dict[str, float]:
@@ -79,29 +82,26 @@ def time_engines(
 ) -> dict[str, float]:
     """Batch-1 p50/p95/p99 and throughput per batch size, per engine, with and without tokenizer."""
     serve = config.serve
-    max_length = config.data.max_length
     texts = list(texts)
     timings: dict[str, float] = {}
     bf16 = bf16_kernels() is not None  # the PyTorch peer runs on this CPU
-    runners = _runners(session, torch_model, tokenizer, max_length, bf16)
-    for engine, (run, run_text) in runners.items():
+    engines = _engines(
+        session, torch_model, tokenizer, config.data.max_length, config.eval.batch_size, bf16
+    )
+    for engine, (prepare, run) in engines.items():
         singles = [[t] for t in texts]
-        encoded = [
-            tokenizer(t, truncation=True, max_length=max_length, return_tensors="np")
-            for t in singles
-        ]
+
+        def run_text(batch, prepare=prepare, run=run):
+            return run(prepare(batch))
+
+        encoded = [prepare(t) for t in singles]
         for suffix, fn, inputs in (("", run, encoded), ("_with_tokenizer", run_text, singles)):
             stats = latency_ms(fn, inputs, serve.warmup_runs, serve.latency_runs)
             timings |= {f"serve/{engine}.batch1_{k}{suffix}": v for k, v in stats.items()}
         for size in serve.throughput_batch_sizes:
             pool = texts * -(-size // len(texts))  # repeat when the split is smaller than a batch
             text_batches = [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
-            batches = [
-                tokenizer(
-                    b, padding=True, truncation=True, max_length=max_length, return_tensors="np"
-                )
-                for b in text_batches
-            ]
+            batches = [prepare(b) for b in text_batches]
             timings[f"serve/{engine}.batch{size}_per_second"] = throughput(run, batches, size)
             timings[f"serve/{engine}.batch{size}_per_second_with_tokenizer"] = throughput(
                 run_text, text_batches, size

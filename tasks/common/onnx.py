@@ -22,6 +22,7 @@ from onnxruntime.quantization.calibrate import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 from optimum.exporters.onnx import main_export
 from optimum.onnxruntime import ORTQuantizer
@@ -84,12 +85,32 @@ def require_provider(device: str, providers: list[str], file_name: str) -> None:
         )
 
 
-def session_options(num_threads: int = 0) -> ort.SessionOptions:
-    """Fixed intra-op threads (0: all cores), one inter-op thread, sequential execution."""
+# onnxruntime's CPU kernel for SkipLayerNormalization (1.32) is 4-8x slower than its
+# LayerNormalization plus an Add once a batch holds 32 tokens or more (benchmarks/serving.py
+# times both): on CPU the residual Add and the norm stay two nodes, in our fusion pass
+# (fuse_graph) and in the session's own graph optimizations.
+CPU_SESSION_CONFIG = {"optimization.disable_specified_optimizers": "SkipLayerNormFusion"}
+
+
+def fuses_skip_layer_norm(device: str) -> bool:
+    """Whether a model served on `device` (cpu, cuda, auto) gets SkipLayerNormalization."""
+    return providers_for(device)[0] == CUDA
+
+
+def session_config(device: str) -> dict[str, str]:
+    """onnxruntime session config entries for a model served on `device` (cpu, cuda, auto)."""
+    return {} if fuses_skip_layer_norm(device) else dict(CPU_SESSION_CONFIG)
+
+
+def session_options(num_threads: int = 0, device: str = "cpu") -> ort.SessionOptions:
+    """Fixed intra-op threads (0: all cores), one inter-op thread, sequential execution, and
+    the device's session_config."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, value in session_config(device).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -98,7 +119,7 @@ def open_session(
 ) -> ort.InferenceSession:
     """A session on the requested device; asking for cuda and not getting it is an error."""
     session = ort.InferenceSession(
-        str(model_file), session_options(num_threads), providers=providers_for(device)
+        str(model_file), session_options(num_threads, device), providers=providers_for(device)
     )
     require_provider(device, session.get_providers(), model_file.name)
     return session
@@ -151,16 +172,21 @@ def ort_model_type(onnx_dir: Path, default: str) -> str:
         return default
 
 
-def fuse_graph(onnx_dir: Path, model_type: str) -> dict[str, int]:
+def fuse_graph(onnx_dir: Path, model_type: str, device: str = "cpu") -> dict[str, int]:
     """onnxruntime's transformer optimizer on onnx_dir/model.onnx, in place: ORT's basic graph
-    optimizations (portable, opt_level 1) then its fusions (Attention, SkipLayerNormalization,
-    BiasGelu/FastGelu, EmbedLayerNormalization where the graph has the patterns), then ORT's
-    quantization pre-processing (symbolic shape inference: the quantizer needs the types of
-    tensors that fused contrib ops produce). Returns the fused operators made, by type."""
+    optimizations (portable, opt_level 1) then its fusions (Attention, BiasGelu/FastGelu,
+    EmbedLayerNormalization where the graph has the patterns; SkipLayerNormalization only for
+    a model served on CUDA, see CPU_SESSION_CONFIG), then ORT's quantization pre-processing
+    (symbolic shape inference: the quantizer needs the types of tensors that fused contrib ops
+    produce). Returns the fused operators made, by type."""
     model_file = onnx_dir / ONNX_FILE
     external = (onnx_dir / f"{ONNX_FILE}_data").exists()
+    options = FusionOptions(model_type)
+    options.enable_skip_layer_norm = fuses_skip_layer_norm(device)
     with expected("", OPTIMIZER_NOTES, source="onnxruntime/transformers/"):
-        optimized = optimize_model(str(model_file), model_type=model_type, opt_level=1)
+        optimized = optimize_model(
+            str(model_file), model_type=model_type, opt_level=1, optimization_options=options
+        )
     optimized.topological_sort()
     fused_file = onnx_dir / "model_fused.onnx"
     quant_pre_process(

@@ -135,15 +135,21 @@ def choose(fp32: Candidate, candidates: list[Candidate], fallback: bool) -> tupl
 
 
 def head_nodes(model_file: Path, pattern: str) -> dict[str, str]:
-    """The quantizable nodes whose names match the task's head pattern: kept fp32 always."""
+    """The quantizable nodes whose names match the task's head pattern: kept fp32 always.
+
+    onnxruntime's dynamic quantizer first rewrites each Gemm as a MatMul named `<Gemm>_MatMul`
+    (plus an Add) and then looks the exclusions up by the new name: both names are listed, or
+    a Gemm head (BERT's pooler and classifier) would be quantized after all."""
     if not pattern:
         return {}
     operators = ("MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization")
-    return {
-        name: "task head: always kept in fp32"
-        for name, _ in weighted_nodes(model_file, operators)
-        if re.search(pattern, name)
-    }
+    head = {}
+    for name, op_type in weighted_nodes(model_file, operators):
+        if re.search(pattern, name):
+            head[name] = "task head: always kept in fp32"
+            if op_type == "Gemm":
+                head[f"{name}_MatMul"] = "task head: always kept in fp32 (the quantizer's MatMul)"
+    return head
 
 
 def scored(

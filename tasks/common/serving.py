@@ -1,9 +1,9 @@
 """What the serve_check stage of every kind shares, and the folder a model serves from.
 
 The serving folder holds the chosen ONNX file, its tokenizer and serving.json, which tells the
-kind's pyfunc how to answer: the ONNX file, the variant and the device, plus what the kind adds
-(label names, max length and batch size for classification; the default number of new tokens
-for causal_lm).
+kind's pyfunc how to answer: the ONNX file, the variant, the device and the onnxruntime session
+config entries, plus what the kind adds (label names, max length and batch size for
+classification; the default number of new tokens for causal_lm).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tasks.common.config import PipelineConfig
-from tasks.common.onnx import SERVED_FILE
+from tasks.common.onnx import SERVED_FILE, session_config
 from tasks.common.plots import save_figure
 from tasks.common.storage import run_folder
 
@@ -45,11 +45,14 @@ def _installed(name: str) -> bool:
 
 
 def serving_spec(config: PipelineConfig, variant: str, kind_spec: dict) -> dict:
+    """serving.json: the ONNX file, its variant, the device, the onnxruntime session config
+    entries the checks ran with, and what the kind adds."""
     return {
         "task": config.task,
         "model_file": SERVED_FILE,
         "variant": variant,
         "device": "cuda" if config.serve.device == "cuda" else "cpu",
+        "session_config": session_config(config.serve.device),
         **kind_spec,
     }
 
