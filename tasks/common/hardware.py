@@ -22,6 +22,10 @@ FP32_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32}
 BF16_FLOPS_PER_CYCLE = {"amx_bf16": 1024, "avx512_bf16": 128}
 # int8 multiply-adds x 2 per cycle per core: AMX-INT8 tiles, AVX-512 VNNI (vpdpbusd on 2 ports)
 INT8_OPS_PER_CYCLE = {"amx_int8": 2048, "avx512_vnni": 256}
+AVX512_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni")
+# (vendor, cpu family) that run 512-bit instructions as two 256-bit halves: AMD Zen 4 (family
+# 25 with AVX-512; Zen 3, also family 25, has none). Their AVX-512 peak is half the table's.
+HALF_WIDTH_AVX512 = {("AuthenticAMD", "25")}
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -46,17 +50,24 @@ def bf16_kernels(flags: set[str] | None = None) -> str | None:
     return next((name for name in BF16_FLOPS_PER_CYCLE if name in flags), None)
 
 
-def cpu_clock_ghz(cpuinfo: str | None = None) -> float | None:
-    """The clock /proc/cpuinfo reports for the first CPU (GHz), None where unknown."""
+def cpu_field(name: str, cpuinfo: str | None = None) -> str | None:
+    """A /proc/cpuinfo field of the first CPU (vendor_id, cpu family, ...), None where unknown."""
     if cpuinfo is None:
         try:
             cpuinfo = CPUINFO.read_text()
         except OSError:
             return None
     for line in cpuinfo.splitlines():
-        if line.startswith("cpu MHz"):
-            return float(line.split(":", 1)[1]) / 1000
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
     return None
+
+
+def cpu_clock_ghz(cpuinfo: str | None = None) -> float | None:
+    """The clock /proc/cpuinfo reports for the first CPU (GHz), None where unknown."""
+    mhz = cpu_field("cpu MHz", cpuinfo)
+    return float(mhz) / 1000 if mhz else None
 
 
 @dataclass(frozen=True)
@@ -76,13 +87,18 @@ class PeakFlops:
 
 
 def peak_flops(flags: set[str] | None = None, cpuinfo: str | None = None) -> PeakFlops:
-    """Cores x clock x per-cycle FLOPs of the best fp32, bf16 and int8 instructions it has."""
+    """Cores x clock x per-cycle FLOPs of the best fp32, bf16 and int8 instructions it has
+    (half the AVX-512 rate on CPUs that split 512-bit instructions, HALF_WIDTH_AVX512)."""
     flags = cpu_flags(cpuinfo) if flags is None else flags
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     clock = cpu_clock_ghz(cpuinfo)
 
+    half = (cpu_field("vendor_id", cpuinfo), cpu_field("cpu family", cpuinfo)) in HALF_WIDTH_AVX512
+
     def peak(table: dict[str, int]) -> float | None:
-        per_cycle = next((n for name, n in table.items() if name in flags), None)
+        name, per_cycle = next(((n, c) for n, c in table.items() if n in flags), (None, None))
+        if half and name in AVX512_FLAGS:
+            per_cycle //= 2
         return cores * clock * 1e9 * per_cycle if per_cycle and clock else None
 
     return PeakFlops(
