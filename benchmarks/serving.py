@@ -24,16 +24,21 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 
 from flows.retrain import run_stages
 from tasks.classification.data import label_names, load_split
-from tasks.classification.modeling import load_classifier
-from tasks.classification.serve_check import time_engines
+from tasks.classification.modeling import load_classifier, session_feed, session_logits
+from tasks.classification.onnx_text_classifier import length_grouped
+from tasks.classification.serve_check import cycling, time_engines
 from tasks.common.config import load_config
 from tasks.common.hardware import flops_per_token, peak_flops
+from tasks.common.latency import interleaved
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import ONNX_FILE, SERVED_FILE, open_session
 from tasks.common.plots import ENGINES
@@ -122,7 +127,75 @@ def main() -> None:
         )
     print(f"accuracy_drop_points = {drop_points:.2f}  (goal <= 0.5)")
     print(f"model_size_ratio = {served_mb / fp32_mb:.3f}  (goal <= 0.30)")
-    print_physical_limit(torch_model, load_tokenizer(config.model), texts, t, engines, config)
+    tokenizer = load_tokenizer(config.model)
+    served_file = stage.fetch(quantized.model) / SERVED_FILE
+    print_choices(config, served_file, session, torch_model, tokenizer, list(texts), threads)
+    print_physical_limit(torch_model, tokenizer, texts, t, engines, config)
+
+
+def cycled(runs: dict, requests: list) -> dict:
+    """Each run as `interleaved` calls it: call k sends requests[k] (cycling)."""
+    return {name: cycling(requests, run) for name, run in runs.items()}
+
+
+def medians(samples: dict) -> dict[str, float]:
+    return {name: float(np.median(ms)) for name, ms in samples.items()}
+
+
+def print_choices(config, served_file, session, torch_model, tokenizer, texts, threads) -> None:
+    """The two serving choices side by side: SkipLayerNormalization fused by the session (as
+    onnxruntime does by default) against left apart (CPU_SESSION_CONFIG), at batch 1 and 32;
+    and batching by length (the served pyfunc) against one padded batch, for both engines."""
+    length, size = config.data.max_length, config.eval.batch_size
+    plain = ort.SessionOptions()
+    plain.intra_op_num_threads = threads
+    fused = ort.InferenceSession(str(served_file), plain, providers=["CPUExecutionProvider"])
+    print("\nchoices, timed side by side (medians):")
+    for batch in (1, 32):
+        requests = [texts[i : i + batch] for i in range(0, len(texts) - batch + 1, batch)]
+        batching = {"max_length": length, "batch_size": size}
+        runs = {
+            "apart": partial(session_logits, session, tokenizer, **batching),
+            "fused": partial(session_logits, fused, tokenizer, **batching),
+        }
+        calls = 200 if batch == 1 else 30
+        m = medians(interleaved(cycled(runs, requests), calls, 25 if batch == 1 else 5, 3))
+        print(
+            f"  batch {batch:>2}: SkipLayerNormalization fused {m['fused']:7.2f} ms, left "
+            f"apart {m['apart']:7.2f} ms: fused takes {m['fused'] / m['apart']:.2f}x"
+        )
+    requests = [texts[i : i + 32] for i in range(0, len(texts) - 31, 32)]
+
+    def padded(run):
+        return lambda b: run(
+            tokenizer(b, padding=True, truncation=True, max_length=length, return_tensors="np")
+        )
+
+    def grouped(run):
+        return lambda b: [run(a) for _, a in length_grouped(tokenizer, b, length, size)]
+
+    @torch.inference_mode()
+    def torch_run(arrays):
+        return torch_model(**{k: torch.from_numpy(v) for k, v in arrays.items()}).logits
+
+    def onnx_run(arrays):
+        return session.run(["logits"], session_feed(session, arrays))
+
+    runs = {
+        "onnx padded": padded(onnx_run),
+        "onnx by length": grouped(onnx_run),
+        "torch padded": padded(torch_run),
+        "torch by length": grouped(torch_run),
+    }
+    m = medians(interleaved(cycled(runs, requests), 30, 5, 2))
+    print("  batch 32 with tokenization, texts/s:")
+    for engine in ("onnx", "torch"):
+        a, b = m[f"{engine} padded"], m[f"{engine} by length"]
+        print(f"    {engine:<6} padded {32e3 / a:6.0f}, by length {32e3 / b:6.0f} = {a / b:.2f}x")
+    print(
+        f"    served (onnx by length) / torch given the same batching: "
+        f"{m['torch by length'] / m['onnx by length']:.2f}x"
+    )
 
 
 def print_physical_limit(model, tokenizer, texts, timings, engines, config) -> None:

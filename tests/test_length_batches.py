@@ -19,7 +19,6 @@ from tasks.classification.onnx_text_classifier import (
     OnnxTextClassifier,
     length_batches,
     length_grouped,
-    padded_rows,
 )
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import CPU_SESSION_CONFIG, ONNX_FILE, SERVED_FILE, open_session
@@ -76,23 +75,33 @@ def test_a_mixed_request_computes_less_padding_than_one_padded_batch():
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_rows_pad_as_the_tokenizer_does(run, side):
+def test_each_batch_is_padded_as_the_tokenizer_pads_its_texts(run, side):
     tokenizer = load_tokenizer(run.config.model)
     tokenizer.padding_side = side
-    texts = ["my card was charged twice for one order", "late", "where is my parcel now"]
-    encoded = tokenizer(texts, truncation=True, max_length=16)
-    mine = padded_rows(encoded, [2, 0, 1], tokenizer.pad_token_id, side == "left")
-    theirs = tokenizer(
-        [texts[2], texts[0], texts[1]],
-        padding=True,
-        truncation=True,
-        max_length=16,
-        return_tensors="np",
-    )
-    assert set(mine) == set(theirs)
-    for key in mine:
-        np.testing.assert_array_equal(mine[key], theirs[key])
-        assert mine[key].dtype == np.int64
+    texts = list(load_split(run.stage, run.data, "test")["text"])[:50]
+    texts[7] = "late"  # short and long texts in one request
+    many = texts * 3  # more than one chunk (64 batches) of batch_size 2: positions offset
+    for request, batch_size in ((texts, 8), (many, 2)):
+        check_batches(tokenizer, request, batch_size)
+
+
+def check_batches(tokenizer, texts, batch_size):
+    seen = []
+    for positions, arrays in length_grouped(tokenizer, texts, 16, batch_size):
+        assert len(positions) <= batch_size
+        theirs = tokenizer(
+            [texts[p] for p in positions],
+            padding=True,
+            truncation=True,
+            max_length=16,
+            return_tensors="np",
+        )
+        assert set(arrays) == set(theirs)
+        for key, array in arrays.items():
+            np.testing.assert_array_equal(array, theirs[key])
+            assert array.dtype == np.int64
+        seen += positions
+    assert sorted(seen) == list(range(len(texts)))
 
 
 def test_grouped_logits_are_each_texts_own_in_request_order(run):

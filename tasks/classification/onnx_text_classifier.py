@@ -43,34 +43,27 @@ def length_batches(lengths, batch_size: int, call_cost: int = CALL_COST_TOKENS) 
     return batches[::-1]
 
 
-def padded_rows(encoded, rows: list[int], pad_id: int, left: bool) -> dict[str, np.ndarray]:
-    """Rows of a tokenizer's unpadded output as int64 arrays padded to the longest of them
-    (input_ids with pad_id, the masks and type ids with 0), as the tokenizer would pad."""
-    width = max(len(encoded["input_ids"][row]) for row in rows)
-    arrays = {}
-    for key, values in encoded.items():
-        out = np.full((len(rows), width), pad_id if key == "input_ids" else 0, dtype=np.int64)
-        for i, row in enumerate(rows):
-            seq = values[row]
-            if left:
-                out[i, width - len(seq) :] = seq
-            else:
-                out[i, : len(seq)] = seq
-        arrays[key] = out
-    return arrays
-
-
 def length_grouped(tokenizer, texts: list[str], max_length: int, batch_size: int):
-    """Each batch of length_batches as (positions of its texts, padded int64 arrays): the
-    texts are tokenized once, without padding, then each batch is padded to its longest."""
-    if not texts:
-        return
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """Each batch of length_batches as (positions of its texts, int64 arrays padded to its
+    longest text). The texts are tokenized a chunk at a time (64 batches' worth) in one call,
+    padded to the chunk's longest; each batch then takes its rows and drops the columns that
+    are padding for all of them."""
     left = tokenizer.padding_side == "left"
-    for rows in length_batches(lengths, batch_size):
-        yield rows, padded_rows(encoded, rows, pad_id, left)
+    chunk = 64 * batch_size
+    for offset in range(0, len(texts), chunk):
+        encoded = tokenizer(
+            list(texts[offset : offset + chunk]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+        )
+        lengths = encoded["attention_mask"].sum(axis=1)
+        for rows in length_batches(lengths, batch_size):
+            width = int(lengths[rows].max())
+            columns = slice(encoded["input_ids"].shape[1] - width, None) if left else slice(width)
+            arrays = {k: v[rows][:, columns].astype(np.int64) for k, v in encoded.items()}
+            yield [offset + row for row in rows], arrays
 
 
 def _texts(model_input) -> list[str]:

@@ -19,7 +19,7 @@ from tasks.classification.modeling import load_classifier, session_feed, session
 from tasks.classification.onnx_text_classifier import length_grouped
 from tasks.common.config import PipelineConfig
 from tasks.common.hardware import bf16_kernels
-from tasks.common.latency import latency_ms, throughput
+from tasks.common.latency import interleaved, per_second, percentiles_ms
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import SERVED_FILE, open_session
 from tasks.common.plots import engine_figure
@@ -77,10 +77,17 @@ def speedups(timings: dict[str, float], sizes: list[int]) -> dict[str, float]:
     return ratios
 
 
+def cycling(items: list, fn):
+    """A run for `interleaved`: call k sends items[k] (cycling) to fn."""
+    return lambda k: fn(items[k % len(items)])
+
+
 def time_engines(
     config: PipelineConfig, session, torch_model, tokenizer, texts
 ) -> dict[str, float]:
-    """Batch-1 p50/p95/p99 and throughput per batch size, per engine, with and without tokenizer."""
+    """Batch-1 p50/p95/p99 and throughput per batch size, per engine, with and without
+    tokenizer. The engines take turns in blocks of calls (tasks/common/latency.interleaved):
+    every ratio compares figures measured under the same machine load."""
     serve = config.serve
     texts = list(texts)
     timings: dict[str, float] = {}
@@ -88,24 +95,29 @@ def time_engines(
     engines = _engines(
         session, torch_model, tokenizer, config.data.max_length, config.eval.batch_size, bf16
     )
-    for engine, (prepare, run) in engines.items():
-        singles = [[t] for t in texts]
 
-        def run_text(batch, prepare=prepare, run=run):
-            return run(prepare(batch))
+    def both(requests: list[list[str]]) -> dict[str, dict]:
+        """Per suffix, per engine: the run on prepared input, and on texts (tokenizer too)."""
+        return {
+            "": {e: cycling([p(r) for r in requests], run) for e, (p, run) in engines.items()},
+            "_with_tokenizer": {
+                e: cycling(requests, lambda r, p=p, run=run: run(p(r)))
+                for e, (p, run) in engines.items()
+            },
+        }
 
-        encoded = [prepare(t) for t in singles]
-        for suffix, fn, inputs in (("", run, encoded), ("_with_tokenizer", run_text, singles)):
-            stats = latency_ms(fn, inputs, serve.warmup_runs, serve.latency_runs)
+    for suffix, runs in both([[t] for t in texts]).items():
+        samples = interleaved(runs, serve.latency_runs, warmup=serve.warmup_runs)
+        for engine, ms in samples.items():
+            stats = percentiles_ms(ms)
             timings |= {f"serve/{engine}.batch1_{k}{suffix}": v for k, v in stats.items()}
-        for size in serve.throughput_batch_sizes:
-            pool = texts * -(-size // len(texts))  # repeat when the split is smaller than a batch
-            text_batches = [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
-            batches = [prepare(b) for b in text_batches]
-            timings[f"serve/{engine}.batch{size}_per_second"] = throughput(run, batches, size)
-            timings[f"serve/{engine}.batch{size}_per_second_with_tokenizer"] = throughput(
-                run_text, text_batches, size
-            )
+    for size in serve.throughput_batch_sizes:
+        pool = texts * -(-size // len(texts))  # repeat when the split is smaller than a batch
+        requests = [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
+        for suffix, runs in both(requests).items():
+            samples = interleaved(runs, max(8, len(requests)), block=2, warmup=1)
+            for engine, ms in samples.items():
+                timings[f"serve/{engine}.batch{size}_per_second{suffix}"] = per_second(ms, size)
     return timings | speedups(timings, serve.throughput_batch_sizes)
 
 

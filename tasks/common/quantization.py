@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from tasks.common.errors import GateFailed
 from tasks.common.gates import Gate, evaluate_gate
+from tasks.common.latency import interleaved
 from tasks.common.mixed_precision import (
     Sensitivity,
     VariantBuilder,
@@ -200,23 +201,24 @@ def build_variants(
 def retimed(
     scorer: VariantScorer, fp32_dir: Path, fp32: Candidate, candidates: list[Candidate], serve
 ) -> tuple[Candidate, list[Candidate]]:
-    """fp32 and the candidates passing their gates timed again side by side, one request each
-    in turn, so that the choice compares figures measured under the same machine load (each
-    candidate was first timed alone, minutes apart). Failing candidates keep their figures."""
+    """fp32 and the candidates passing their gates timed again side by side, in turns of a
+    few requests (tasks/common/latency.interleaved), so that the choice compares figures
+    measured under the same machine load (each candidate was first timed alone, minutes
+    apart). Failing candidates keep their figures."""
     passing = [c for c in candidates if c.passed]
     if not passing:
         return fp32, candidates
     folders = [fp32_dir, *(Path(c.model_file).parent for c in passing)]
     engines = [scorer.requests(folder) for folder in folders]
-    _, inputs, divisor = engines[0]
-    samples: list[list[float]] = [[] for _ in engines]
-    for i in range(serve.warmup_runs + max(20, serve.latency_runs // 2)):
-        for engine, times in zip(engines, samples, strict=True):
-            start = time.perf_counter()
-            engine[0](inputs[i % len(inputs)])
-            if i >= serve.warmup_runs:
-                times.append((time.perf_counter() - start) * 1000 / divisor)
-    p50 = {id(c): float(np.median(t)) for c, t in zip([fp32, *passing], samples, strict=True)}
+    divisor = engines[0][2]
+    runs = {
+        str(i): partial(lambda run, inputs, k: run(inputs[k % len(inputs)]), run, inputs)
+        for i, (run, inputs, _) in enumerate(engines)
+    }
+    samples = interleaved(runs, max(20, serve.latency_runs // 2), warmup=serve.warmup_runs)
+    p50 = {
+        id(c): float(np.median(samples[str(i)])) / divisor for i, c in enumerate([fp32, *passing])
+    }
     return replace(fp32, p50_ms=p50[id(fp32)]), [
         replace(c, p50_ms=p50[id(c)]) if id(c) in p50 else c for c in candidates
     ]
