@@ -1,6 +1,7 @@
 """export for classification: optimum's text-classification ONNX, fused by onnxruntime's
-transformer optimizer (model type bert: Attention, SkipLayerNormalization, BiasGelu,
-EmbedLayerNormalization), gated on the fused graph's logits and argmax against PyTorch."""
+transformer optimizer (model type bert: Attention, BiasGelu, EmbedLayerNormalization;
+SkipLayerNormalization for CUDA), its last layer computing the pooled token only
+(first_token.py), gated on the graph's logits and argmax against PyTorch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from tasks.classification.data import label_names, load_split
 from tasks.classification.modeling import load_classifier, predict_logits, session_logits
+from tasks.common.first_token import first_token_file
 from tasks.common.gates import require
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import (
@@ -33,6 +35,9 @@ def export(stage: StageContext, data: PreparedData, merged: MergedModel) -> Onnx
     if config.export.fuse:
         fused = fuse_graph(out_dir, ort_model_type(out_dir, "bert"), config.serve.device)
         stage.run.log_metrics({f"onnx/fused.{op}": n for op, n in fused.items()})
+    if config.export.first_token:
+        nodes = first_token_file(out_dir / ONNX_FILE)
+        stage.run.log_metrics({"onnx/first_token_nodes": nodes})
     texts = load_split(stage, data, "test")["text"]
     tokenizer = load_tokenizer(config.model)
     torch_logits = predict_logits(

@@ -322,8 +322,15 @@ class ExportConfig(_Section):
     fuse: bool = Field(
         True,
         description=(
-            "Run onnxruntime's transformer optimizer on the export (Attention, SkipLayerNorm, "
-            "Gelu fusions); the parity gates check the fused graph."
+            "Run onnxruntime's transformer optimizer on the export (Attention, Gelu, norm "
+            "fusions; SkipLayerNorm on CUDA); the parity gates check the fused graph."
+        ),
+    )
+    first_token: bool = Field(
+        True,
+        description=(
+            "sequence_classification: after the last attention, compute only the token the "
+            "head reads (tasks/common/first_token.py); the parity gates check the result."
         ),
     )
 
