@@ -28,7 +28,7 @@ import random
 import re
 import subprocess
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from flows.retrain import run_stages
 from tasks.classification.data import load_split
 from tasks.classification.modeling import session_feed, session_logits
 from tasks.common.config import load_config
+from tasks.common.latency import interleaved
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import (
     ONNX_FILE,
@@ -128,17 +129,14 @@ def fetch_man_pages(folder: Path) -> Path:
 
 
 def alternating_p50(sessions: dict, singles: list, warmup: int, runs: int) -> dict[str, float]:
-    """Batch-1 p50 (ms) of each session on the same single texts, one request each in turn, so
-    that every engine sees the same machine load."""
-    samples = {name: [] for name in sessions}
-    for i in range(warmup + runs):
-        batch = singles[i % len(singles)]
-        for name, session in sessions.items():
-            feed = session_feed(session, batch)
-            start = time.perf_counter()
-            session.run(["logits"], feed)
-            if i >= warmup:
-                samples[name].append((time.perf_counter() - start) * 1000)
+    """Batch-1 p50 (ms) of each session on the same single texts, the sessions taking turns in
+    blocks of requests (tasks/common/latency.interleaved), so that every engine sees the same
+    machine load (one request each in turn timed each against the others' spinning threads)."""
+    runs_by_name = {
+        name: partial(lambda s, k: s.run(["logits"], session_feed(s, singles[k % len(singles)])), s)
+        for name, s in sessions.items()
+    }
+    samples = interleaved(runs_by_name, runs, block=10, warmup=warmup)
     return {name: float(np.median(values)) for name, values in samples.items()}
 
 

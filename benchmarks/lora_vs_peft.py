@@ -440,6 +440,10 @@ def make_trainer(
     collator = CountingCollator(tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.remove_callback(PrinterCallback)
+    with trainer.accelerator.autocast():  # what the arm will really train under
+        probe = torch.nn.functional.linear(torch.ones(1, 2), torch.ones(2, 2))
+    if (probe.dtype == torch.bfloat16) != args.bf16:
+        raise SystemExit(f"arm {arm}: args say bf16={args.bf16} but autocast gives {probe.dtype}")
     return trainer, collator
 
 
@@ -511,11 +515,7 @@ def train_lockstep(
             "tokens_per_s": collator.real / wall,
             "pad_share": 1 - collator.real / collator.padded,
             "group_by_length": setups[arm][0].args.group_by_length,
-            # what the arm really trained under (accelerate's autocast), not what args asked
-            "precision": {"no": "fp32"}.get(
-                str(setups[arm][0].accelerator.mixed_precision),
-                str(setups[arm][0].accelerator.mixed_precision),
-            ),
+            "precision": "bf16" if setups[arm][0].args.bf16 else "fp32",  # checked in make_trainer
         }
         if test_split is not None:
             results[arm]["test_accuracy"] = test_accuracy(
