@@ -136,3 +136,42 @@ def test_non_finite_loss_stops_training_at_once_with_the_step(tmp_path, tiny_ber
         "or use precision fp32 / bf16 instead of fp16"
     )
     assert trainer.state.global_step == 2
+
+
+def test_the_last_layer_trains_on_the_pooled_token_with_the_same_logits_and_gradients(tiny_bert):
+    """first_token_last_layer: the head reads token 0, so the last layer's rows after attention
+    shrink to one per text; logits and every LoRA gradient are the unhooked model's."""
+    import torch
+
+    from tasks.classification.modeling import first_token_last_layer
+
+    model_cfg = ModelConfig(name_or_path=str(tiny_bert))
+    lora = LoraSection(target_modules=["query", "value", "dense"])
+    plain, _ = build_lora_model(model_cfg, lora, ["a", "b", "c"])
+    hooked, _ = build_lora_model(model_cfg, lora, ["a", "b", "c"])
+    hooked.load_state_dict(plain.state_dict())
+    assert first_token_last_layer(hooked)
+    rows = []
+    last = hooked.bert.encoder.layer[-1]
+    last.intermediate.register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
+    torch.manual_seed(1)
+    batch = {
+        "input_ids": torch.randint(5, 100, (3, 9)),
+        "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 4 + [0] * 5]),
+        "labels": torch.tensor([0, 2, 1]),
+    }
+    grads = []
+    for model in (plain, hooked):
+        model.eval()  # no dropout: the two must agree exactly
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        if model is plain:
+            expected = out.logits.detach()
+    assert rows == [1]  # the hooked model's last MLP saw one row per text
+    torch.testing.assert_close(out.logits.detach(), expected, atol=1e-6, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert not first_token_last_layer(torch.nn.Linear(2, 2))  # another shape: left alone

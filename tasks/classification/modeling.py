@@ -81,6 +81,39 @@ def build_lora_model(model_cfg: ModelConfig, lora: LoraSection, label_names: Seq
     return with_lora(model, lora)
 
 
+# Classifiers whose head reads token 0 of the last hidden states only (a pooler, or features[:,
+# 0]) and whose layers apply attention, then `attention.output(context, residual)`, then the MLP.
+FIRST_TOKEN_HEADS = (
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "CamembertForSequenceClassification",
+    "ElectraForSequenceClassification",
+)
+
+
+def first_token_last_layer(model: torch.nn.Module) -> bool:
+    """Have the last encoder layer compute, after its attention, token 0's row only: the
+    output projection, residual, norms and MLP of the other tokens feed nothing the head reads
+    (the export's graph does the same: tasks/common/first_token.py). The logits and every
+    gradient stay the same; the layer's rows after attention drop from tokens to texts.
+    Returns whether the model has that shape (else it is left as it is)."""
+    if type(model).__name__ not in FIRST_TOKEN_HEADS:
+        return False
+    base = getattr(model, model.base_model_prefix, None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    output = getattr(getattr(layers[-1], "attention", None), "output", None) if layers else None
+    if output is None:
+        return False
+
+    def token_zero(_module, args):
+        context, residual, *rest = args
+        return (context[:, :1], residual[:, :1], *rest)
+
+    output.register_forward_pre_hook(token_zero)
+    return True
+
+
 def load_adapted_model(model_cfg: ModelConfig, adapter_dir: Path, label_names: Sequence[str]):
     """Base classifier plus a saved adapter (LoRA weights and trained head), in eval mode."""
     model = load_classifier(

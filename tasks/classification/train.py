@@ -10,7 +10,7 @@ from transformers import DataCollatorWithPadding
 
 from tasks.classification.data import LABELS_FILE
 from tasks.classification.metrics import classification_metrics
-from tasks.classification.modeling import build_lora_model
+from tasks.classification.modeling import build_lora_model, first_token_last_layer
 from tasks.common.config import PipelineConfig
 from tasks.common.models import load_tokenizer
 from tasks.common.training import TrainingSetup
@@ -29,6 +29,7 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
     names = json.loads((data_dir / LABELS_FILE).read_text())
     tokenizer = load_tokenizer(config.model)
     model, report = build_lora_model(config.model, config.lora, names)
+    first_token_last_layer(model)  # the same gradients, fewer rows in the last layer
     return TrainingSetup(
         model=model,
         report=report,
