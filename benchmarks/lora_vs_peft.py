@@ -91,7 +91,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from lora_core import LoraConfig, inject_lora, lora_state_dict, merge_lora, unload_lora  # noqa: E402
 from lora_core.peft_format import to_peft_fields  # noqa: E402
 from tasks.classification.data import build_splits, check_labels, tokenize  # noqa: E402
-from tasks.classification.modeling import load_classifier  # noqa: E402
+from tasks.classification.modeling import first_token_last_layer, load_classifier  # noqa: E402
 from tasks.common.config import PipelineConfig, load_config  # noqa: E402
 from tasks.common.hardware import flops_per_token, peak_flops  # noqa: E402
 from tasks.common.models import lora_config, resolve_model_path  # noqa: E402
@@ -431,6 +431,8 @@ def make_trainer(
             if arm == "lora_core_plain"
             else ours_args
         )
+        if args is ours_args:  # our stage's model: as tasks.classification.train builds it
+            first_token_last_layer(model)
     # The Trainer's accelerator takes its autocast from ACCELERATE_MIXED_PRECISION, which the
     # last TrainingArguments built wrote: say what this arm's arguments ask (until 2026-12-07
     # the "defaults" arms inherited our arm's bf16, so the fp32 baseline ran under bf16).
