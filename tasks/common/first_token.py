@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 # Nodes that compute each token's row from that row alone (given weights that are initializers).
 ROW_WISE = {
@@ -69,23 +70,24 @@ def _row_wise_region(graph, gather, constants) -> list[onnx.NodeProto]:
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    region, stack = {}, [gather.input[0]]
+    graph_outputs = {o.name for o in graph.output}
+    region, stack = {}, [gather.input[0]]  # nodes by their first output
     while stack:  # every row-wise ancestor of the gathered tensor, up to token-mixing nodes
         node = producer.get(stack.pop())
-        if node is None or node.name in region or node.op_type not in ROW_WISE:
+        if node is None or node.output[0] in region or node.op_type not in ROW_WISE:
             continue
         if node.op_type == "MatMul" and node.input[1] not in constants:
             continue  # activation x activation (attention scores): mixes tokens
-        region[node.name] = node
+        region[node.output[0]] = node
         stack.extend(i for i in node.input if i not in constants)
     changed = True
     while changed:  # drop nodes whose outputs are also read outside the region
         changed = False
-        for name, node in list(region.items()):
+        for key, node in list(region.items()):
             readers = [c for out in node.output for c in consumers[out]]
-            outside = [c for c in readers if c is not gather and c.name not in region]
-            if outside or any(out in {o.name for o in graph.output} for out in node.output):
-                del region[name]
+            outside = [c for c in readers if c is not gather and c.output[0] not in region]
+            if outside or graph_outputs.intersection(node.output):
+                del region[key]
                 changed = True
     return list(region.values())
 
@@ -126,7 +128,7 @@ def first_token_only(model: onnx.ModelProto) -> int:
     for node in region:
         node.input[:] = [renamed.get(i, i) for i in node.input]
     _one_token_shapes(graph, inside, renamed)
-    _topological_sort(graph)
+    OnnxModel(model).topological_sort()  # the new Gathers before the nodes that read them
     return len(region)
 
 
@@ -146,25 +148,6 @@ def _one_token_shapes(graph: onnx.GraphProto, names: set[str], renamed: dict[str
         if info.name in names and len(dims) >= 2:
             dims[1].Clear()
             dims[1].dim_value = 1
-
-
-def _topological_sort(graph: onnx.GraphProto) -> None:
-    """Order the nodes so each comes after the producers of its inputs (ONNX requires it)."""
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ValueError(f"graph has a cycle or a missing input near {rest[0].name}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def first_token_file(model_file: Path) -> int:
