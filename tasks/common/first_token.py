@@ -40,25 +40,37 @@ ROW_WISE = {
 }
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers, Constant nodes' outputs and Identity copies of either, by name (the
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    """Names of initializers, Constant nodes' outputs and Identity copies of either (the
     exporter shares equal weights and names the others through Identity nodes)."""
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    names = {i.name for i in graph.initializer}
     for node in graph.node:  # graph order: an Identity comes after what it copies
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        elif node.op_type == "Identity" and node.input[0] in values:
-            values[node.output[0]] = values[node.input[0]]
-    return values
+        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in names):
+            names.add(node.output[0])
+    return names
 
 
-def _pooler_gather(graph: onnx.GraphProto, constants: dict) -> onnx.NodeProto | None:
-    """The one Gather that takes token 0 (a scalar index) on axis 1 of a graph output's path."""
+def _value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """An initializer's or a Constant node's value (None for anything else)."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute:
+            if node.attribute[0].name == "value":
+                return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _pooler_gather(graph: onnx.GraphProto, constants: set[str]) -> onnx.NodeProto | None:
+    """The one Gather that takes token 0 (a constant scalar index) on axis 1."""
     found = []
     for node in graph.node:
+        if node.op_type != "Gather" or node.input[1] not in constants:
+            continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        index = constants.get(node.input[1]) if node.op_type == "Gather" else None
-        if index is not None and axis == 1 and index.ndim == 0 and int(index) == 0:
+        index = _value(graph, node.input[1]) if axis == 1 else None
+        if index is not None and index.ndim == 0 and int(index) == 0:
             found.append(node)
     return found[0] if len(found) == 1 else None
 
