@@ -321,3 +321,31 @@ def test_a_ranks_error_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch
     assert data["message"]["message"] == "ValueError: rank 1 ran out of patience"
     assert list(tmp_path.iterdir()) == [error_file]
     assert AtomicErrorHandler().partial is None
+
+
+def test_the_failure_reported_is_the_rank_that_caused_the_others(tmp_path):
+    """When rank 1 is SIGKILLed, rank 0 fails on the broken connection and the agent stops it;
+    rank 0's error file is stamped before the agent notices rank 1 (whole seconds), so torch's
+    earliest-timestamp rule named rank 0. The root cause is rank 1; a rank's own error comes
+    before a peer's lost connection, and ranks the agent stopped come last."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from tasks.common.elastic import root_cause
+
+    def failed(local_rank, exitcode, message=None, stamped=0):
+        error_file = tmp_path / f"error-{local_rank}-{exitcode}.json"
+        if message is not None:
+            info = {"py_callstack": "", "timestamp": str(stamped)}
+            error_file.write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
+        return ProcessFailure(local_rank, 100 + local_rank, exitcode, str(error_file))
+
+    lost = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"
+    killed = {1: failed(1, -9), 0: failed(0, -15, lost, stamped=1)}
+    assert min(killed, key=lambda r: killed[r].timestamp) == 0  # torch's rule: the wrong rank
+    assert root_cause(killed) == 1
+    own = {0: failed(0, 1, "TrainingError: loss is nan", stamped=5), 1: failed(1, 1, lost, 2)}
+    assert root_cause(own) == 0
+    stopped = {0: failed(0, -15, "SignalException: 15", 7), 1: failed(1, 1, lost, stamped=8)}
+    assert root_cause(stopped) == 1
+    everyone = {1: failed(1, -15, "SignalException: 15", 4), 0: failed(0, -15, "x: y", 4)}
+    assert root_cause(everyone) == 0

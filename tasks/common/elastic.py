@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler
+from torch.distributed.elastic.multiprocessing.errors import (
+    ChildFailedError,
+    ErrorHandler,
+    ProcessFailure,
+)
 from torch.distributed.elastic.multiprocessing.errors import record as torch_record
 from torch.distributed.elastic.rendezvous import registry
 from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
@@ -90,12 +96,46 @@ class Rendezvous:
         threading.Thread(target=poll, daemon=True).start()
 
 
-def rank_outcome(exc: ChildFailedError) -> dict:
-    """The first failed rank: where it ran, how it ended, and its own message if any."""
-    rank, failure = exc.get_first_failure()
-    message = failure.message if isinstance(failure.message, str) else ""
+# A rank's own message when it only saw another rank go away (gloo, NCCL): a consequence.
+PEER_LOST = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|Watchdog caught collective"
+    r"|NCCL communicator was aborted|remote process exited|ProcessGroupGloo.*Timed out",
+    re.IGNORECASE,
+)
+
+
+def _message(failure: ProcessFailure) -> str:
     if isinstance(failure.message, dict):
-        message = str(failure.message.get("message", ""))  # the rank's error file
+        return str(failure.message.get("message", ""))  # the rank's error file
+    return failure.message if isinstance(failure.message, str) else ""
+
+
+def root_cause(failures: dict[int, ProcessFailure]) -> int:
+    """The rank whose failure caused the others'. torch's `get_first_failure` takes the
+    earliest timestamp, but a rank killed by a signal has no error file and is stamped when
+    the agent notices it (whole seconds), after a peer that saw the broken connection wrote
+    its own: a SIGKILLed rank 1 was reported as rank 0's "Connection reset by peer". So: a
+    rank killed by a signal other than the agent's SIGTERM first, then a rank's own error,
+    then one that only lost a peer, then ranks the agent stopped; earliest, then lowest rank,
+    within each."""
+
+    def order(rank: int) -> tuple[int, int, int]:
+        failure = failures[rank]
+        if failure.exitcode < 0:
+            kind = 3 if failure.exitcode == -signal.SIGTERM else 0
+        else:
+            kind = 2 if PEER_LOST.search(_message(failure)) else 1
+        return kind, failure.timestamp, rank
+
+    return min(failures, key=order)
+
+
+def rank_outcome(exc: ChildFailedError) -> dict:
+    """The failed rank that caused the others' failure (`root_cause`): where it ran, how it
+    ended, and its own message if any."""
+    rank = root_cause(exc.failures)
+    failure = exc.failures[rank]
+    message = _message(failure)
     return {
         "ok": False,
         "cause": "rank",
