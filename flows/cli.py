@@ -118,9 +118,11 @@ def _start_prefect_api() -> None:
 def _run(args) -> dict:
     from flows.retrain import retrain_flow
     from tasks.common.credentials import move_credentials_to_environment
+    from tasks.common.preflight import check_before_prefect
 
     overrides = move_credentials_to_environment(args.overrides)  # never a flow parameter
     _install_log_filter(args.verbose)
+    check_before_prefect(args.config, overrides)
     _start_prefect_api()
     return retrain_flow(
         config_path=args.config, overrides=overrides, force=args.force, wait=args.wait
@@ -131,9 +133,11 @@ def _watch(args) -> dict:
     """One watch check; its verdict on stderr (stdout carries the JSON)."""
     from flows.watch import watch_flow
     from tasks.common.credentials import move_credentials_to_environment
+    from tasks.common.preflight import check_before_prefect
 
     overrides = move_credentials_to_environment(args.overrides)
     _install_log_filter(args.verbose)
+    check_before_prefect(args.config, overrides)
     _start_prefect_api()
     with redirect_stdout(sys.stderr):
         result = watch_flow(config_path=args.config, overrides=overrides)

@@ -44,6 +44,7 @@ def test_unreachable_tracking_server_is_a_clear_cli_error(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2
+    assert "temporary server" not in result.stderr  # told before Prefect's server starts
     assert (
         "error: MLflow tracking server http://127.0.0.1:9 cannot be reached (after 1 retries): "
         "start it, or fix tracking.uri / MLFLOW_TRACKING_URI"

@@ -37,3 +37,15 @@ def check_devices(config: PipelineConfig) -> None:
             f"{', '.join(ort.get_available_providers())}: install onnxruntime-gpu with a "
             f"matching CUDA, or set serve.device to auto or cpu"
         )
+
+
+def check_before_prefect(config_path: str, overrides: list[str]) -> None:
+    """What the CLI checks before it starts Prefect's temporary server (about 10 s here): the
+    config, the devices and a tracking server that never answers are reported at once, and the
+    flow checks them again where it runs."""
+    from tasks.common.config import load_config
+    from tasks.common.tracking import probe_server, tracking_uri
+
+    config = load_config(config_path, overrides)
+    check_devices(config)
+    probe_server(tracking_uri(config.tracking))
