@@ -235,3 +235,110 @@ def test_class_too_small_to_stratify(tmp_path):
         "data: classes 'c' have fewer than 2 rows; a stratified split needs "
         "at least 2 rows per class (add rows)"
     )
+
+
+# ---- memory: nothing held longer or copied bigger than it must be ---------------------------
+
+
+def _mapped_arrow_files() -> set[str]:
+    """The Arrow files this process has memory-mapped now (their read pages count in its RSS)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {Path(line.split()[-1]).name for line in lines if line.endswith(".arrow")}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_prepare_data_lets_each_table_go_once_the_next_is_made(tiny_config, monkeypatch):
+    """While tokenizing only the gathered splits are open (not the file read or the cleaned
+    rows); while saving, not the gathered splits either."""
+    import datasets
+
+    import tasks.classification.data as data
+
+    seen = {}
+    tokenize, save = data.tokenize, datasets.DatasetDict.save_to_disk
+
+    def watched_tokenize(*args, **kwargs):
+        seen["tokenize"] = _mapped_arrow_files()
+        return tokenize(*args, **kwargs)
+
+    def watched_save(self, *args, **kwargs):
+        seen["save"] = _mapped_arrow_files()
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(data, "tokenize", watched_tokenize)
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", watched_save)
+    prepare_data(tiny_config, start_pipeline_run(tiny_config))
+    assert seen["tokenize"] and all(name.startswith("rows-") for name in seen["tokenize"])
+    assert not any(name.startswith("rows-") for name in seen["save"])
+
+
+def test_row_taker_takes_as_arrow_does_without_copying_the_table(monkeypatch):
+    """Rows by position (repeats, any order) from a table of many record batches, equal to
+    Table.take, with Arrow allocating about the rows taken, not a concatenated column."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.common.datasets import RowTaker
+
+    rows = 200_000
+    text = pa.array([f"ticket {i} " + "x" * 100 for i in range(rows)])
+    number = pa.array(np.arange(rows))
+    batches = [
+        pa.record_batch([text.slice(i, 1000), number.slice(i, 1000)], names=["text", "n"])
+        for i in range(0, rows, 1000)
+    ]
+    table = pa.Table.from_batches(batches)
+    positions = np.random.default_rng(0).integers(0, rows, 5000)
+    positions[:3] = [7, 7, rows - 1]
+    taker = RowTaker(table)
+    previous = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(previous)  # counts the peak of what is allocated through it
+    pa.set_memory_pool(pool)
+    try:
+        taken = taker.take(positions)
+        peak = pool.max_memory()
+        same = taken.equals(table.take(pa.array(positions)).combine_chunks())
+        del taken  # its buffers belong to pool: freed while pool lives
+    finally:
+        pa.set_memory_pool(previous)
+    assert same
+    assert peak < table.nbytes / 10
+    assert taker.take(np.array([], dtype=np.int64)).num_rows == 0
+
+
+def test_key_lookups_and_digests_read_chunk_by_chunk():
+    """sorted_contains answers as np.isin; digests of sliced chunks (and of some rows) as the
+    bytes written, digests with trailing zero bytes included."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks.common.datasets import digests, sorted_contains
+
+    rng = np.random.default_rng(1)
+    raw = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(3000)]
+    raw[:3] = [bytes(16), bytes(15) + b"\x01", b"\x01" + bytes(15)]
+    column = pa.chunked_array(
+        [pa.array(raw[:1000], pa.binary()), pa.array(raw[900:], pa.binary()).slice(100)]
+    )
+    every = digests(column)
+    assert every.tobytes() == b"".join(raw)
+    some = np.array([2, 0, 0, 2999])
+    assert digests(column, some).tobytes() == b"".join(raw[i] for i in some)
+    for _ in range(20):
+        known = every[rng.choice(3000, 500, replace=False)]
+        asked = every[rng.choice(3000, 700)]
+        assert (sorted_contains(np.sort(known), asked) == np.isin(asked, known)).all()
+    assert not sorted_contains(every[:0], every[:4]).any()
+
+
+def test_content_hash_reads_the_files_in_pieces(tmp_path, monkeypatch):
+    import hashlib
+
+    from tasks.common import datasets as common
+
+    files = [tmp_path / "b.csv", tmp_path / "a.csv"]
+    files[0].write_bytes(b"text,label\nhello,x\n" * 50)
+    files[1].write_bytes(b"")
+    whole = hashlib.sha256(b"a.csv" + b"b.csv" + files[0].read_bytes()).hexdigest()
+    monkeypatch.setattr(common, "HASH_CHUNK_BYTES", 7)
+    assert common.content_sha256(files) == whole

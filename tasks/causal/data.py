@@ -331,17 +331,27 @@ def encode_splits(splits: dict[str, Rows], tokenizer, data: DataConfig):
 
 
 def prepare_data(stage: StageContext) -> PreparedData:
-    """Read the records, split, format with the chat template, mask prompts, pack; log it."""
+    """Read the records, split, format with the chat template, mask prompts, pack; log it.
+    The records are let go once encoded, the encoded splits once saved (see classification's
+    prepare_data)."""
     config, run, data = stage.config, stage.run, stage.config.data
     check_base_model(config.model, config.data.max_length)
     splits, dropped, content_sha = build_conversation_splits(data)
+    tables = {
+        name: (rows.dataset(["text", "response"]).rename_column("text", "prompt"), rows.digest())
+        for name, rows in splits.items()
+    }
+    log_dataset_inputs(run, data, tables, targets="response")
+    del tables
     tokenizer = load_tokenizer(config.model)
     default_template = ensure_chat_template(tokenizer)
     dataset, metrics, dropped["too_long"] = encode_splits(splits, tokenizer, data)
+    rows = {name: len(split) for name, split in splits.items()}
+    del splits
     out_dir = stage.stage_dir("data")
     dataset.save_to_disk(str(out_dir / "tokenized"))
+    del dataset
     tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
-    rows = {name: len(split) for name, split in splits.items()}
     metrics |= {f"rows.{k}": v for k, v in rows.items()}
     metrics |= {f"dropped.{k}": v for k, v in dropped.items()}
     run.log_figures(metrics, DATA_PROFILE_FILE)
@@ -353,11 +363,6 @@ def prepare_data(stage: StageContext) -> PreparedData:
             "data.chat_template": "default" if default_template else "tokenizer",
         }
     )
-    tables = {
-        name: (rows.dataset(["text", "response"]).rename_column("text", "prompt"), rows.digest())
-        for name, rows in splits.items()
-    }
-    log_dataset_inputs(run, data, tables, targets="response")
     ref = run.log_folder(out_dir, "data")
     return PreparedData(dataset=ref, rows=rows, content_sha256=content_sha, dropped=dropped)
 

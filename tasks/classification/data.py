@@ -326,23 +326,34 @@ def class_counts(splits: dict[str, Dataset]) -> pd.DataFrame:
 
 
 def prepare_data(stage: StageContext) -> PreparedData:
-    """Read the configured data, clean and split it, tokenize, save and log it."""
+    """Read the configured data, clean and split it, tokenize, save and log it.
+
+    Each table is let go once the next is made (the cleaned rows after the splits are gathered,
+    the splits after tokenizing): a memory-mapped Arrow file counts in the process's resident
+    memory for as long as it is open and its pages were read."""
     config, run = stage.config, stage.run
     check_base_model(config.model, config.data.max_length)
     splits, dropped, content_sha = split_rows(config.data)
     tables = {name: rows.dataset(COLUMNS) for name, rows in splits.items()}
+    digests = {name: rows.digest() for name, rows in splits.items()}
+    del splits
     names = check_labels(tables)
-    dataset, tokenizer, truncated = tokenize(tables, names, config)
-    out_dir = stage.stage_dir("data")
-    dataset.save_to_disk(str(out_dir / "tokenized"))
-    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-    (out_dir / LABELS_FILE).write_text(json.dumps(names))
-    rows = {name: len(split) for name, split in splits.items()}
+    rows = {name: len(split) for name, split in tables.items()}
     metrics = {f"rows.{k}": v for k, v in rows.items()}
     metrics |= {f"dropped.{k}": v for k, v in dropped.items()}
+    run.log_table(class_counts(tables), CLASS_COUNTS_FILE)
+    inputs = {name: (tables[name], digests[name]) for name in tables}
+    log_dataset_inputs(run, config.data, inputs, targets="label")
+    del inputs
+    dataset, tokenizer, truncated = tokenize(tables, names, config)
+    del tables
+    out_dir = stage.stage_dir("data")
+    dataset.save_to_disk(str(out_dir / "tokenized"))
+    del dataset
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    (out_dir / LABELS_FILE).write_text(json.dumps(names))
     metrics |= {f"truncated.{k}": v for k, v in truncated.items()}
     run.log_figures(metrics, DATA_PROFILE_FILE)
-    run.log_table(class_counts(tables), CLASS_COUNTS_FILE)
     run.set_tags(
         {
             "task": config.task,
@@ -350,8 +361,6 @@ def prepare_data(stage: StageContext) -> PreparedData:
             "data.path": redact(config.data.path),
         }
     )
-    inputs = {name: (tables[name], splits[name].digest()) for name in splits}
-    log_dataset_inputs(run, config.data, inputs, targets="label")
     ref = run.log_folder(out_dir, "data")
     return PreparedData(dataset=ref, rows=rows, content_sha256=content_sha, dropped=dropped)
 

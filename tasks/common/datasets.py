@@ -39,6 +39,7 @@ SPLITS = ("train", "validation", "test")
 KEY_SHA = "key_sha"  # column: 16-byte digest of what makes two rows the same example
 ROW_SHA = "row_sha"  # column: 16-byte digest of the whole row (the MLflow dataset digest)
 ROWS_PER_PROCESS = 100_000  # a map over fewer rows runs in one process: forking costs more
+HASH_CHUNK_BYTES = 2**20
 DATA_PROFILE_FILE = "data/profile.json"  # table: rows.<split>, dropped.<reason>, truncated.<split>
 SPLIT_FILE_STEMS = {
     "train": ("train",),
@@ -210,12 +211,15 @@ def require_text(rows: Dataset, column: str, path: Path, fix: str) -> None:
 
 
 def content_sha256(paths: list[Path]) -> str:
-    """sha256 over the data files' names and bytes (the data's identity)."""
+    """sha256 over the data files' names and bytes (the data's identity), read a megabyte at a
+    time (a whole file in memory was the largest allocation of prepare_data)."""
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(path.name.encode())
         try:
-            digest.update(path.read_bytes())
+            with path.open("rb") as file:
+                while chunk := file.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
         except OSError as exc:
             raise DataError(
                 f"data file {path} cannot be read ({exc.strerror or exc}): check that it exists "
@@ -255,44 +259,85 @@ def sha16(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def digests(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A column of 16-byte digests as a numpy 'S16' array (equal digests compare equal)."""
-    fixed = pc.cast(column, pa.binary(16))
-    chunks = fixed.chunks if isinstance(fixed, pa.ChunkedArray) else [fixed]
-    parts = [
-        np.frombuffer(c.buffers()[1], dtype="S16")[c.offset : c.offset + len(c)] for c in chunks
-    ]
-    return np.concatenate(parts) if parts else np.empty(0, dtype="S16")
+def digests(column: pa.ChunkedArray | pa.Array, positions: np.ndarray | None = None) -> np.ndarray:
+    """A column of 16-byte digests (the rows at positions, or all) as a numpy 'S16' array
+    (equal digests compare equal). Filled chunk by chunk: no whole-column temporaries."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    every = np.empty(len(column), dtype="S16")
+    start = 0
+    for chunk in chunks:
+        fixed = pc.cast(chunk, pa.binary(16))
+        values = np.frombuffer(fixed.buffers()[1], dtype="S16")
+        every[start : start + len(fixed)] = values[fixed.offset : fixed.offset + len(fixed)]
+        start += len(fixed)
+    if positions is None or (len(positions) == len(every) and _is_every_row(positions)):
+        return every
+    return every[positions]
 
 
-def take_rows(batch: pa.Table, table: pa.Table) -> pa.Table:
-    """The rows of table at a batch's positions (Arrow's take)."""
-    return table.take(batch["position"])
+def _is_every_row(positions: np.ndarray) -> bool:
+    return bool(positions[0] == 0 and (np.diff(positions) == 1).all()) if len(positions) else True
+
+
+class RowTaker:
+    """Takes rows by position from a table's record batches, each batch's rows with that batch's
+    own `take`. pyarrow's Table.take concatenates every chunk of a column first: a copy of the
+    whole table (120 MB per million 120-character texts) for each 10,000 rows taken, which made
+    gathering a split quadratic in its rows."""
+
+    def __init__(self, table: pa.Table):
+        self.batches = table.to_batches()
+        sizes = [len(b) for b in self.batches]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.schema = table.schema
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """The rows at positions, in that order."""
+        if len(positions) == 0:
+            return self.schema.empty_table()
+        order = np.argsort(positions, kind="stable")
+        ascending = positions[order]
+        owner = np.searchsorted(self.starts, ascending, side="right") - 1
+        firsts = np.flatnonzero(np.diff(owner, prepend=-1))  # where each batch's rows begin
+        pieces = [
+            self.batches[owner[a]].take(pa.array(ascending[a:b] - self.starts[owner[a]]))
+            for a, b in zip(firsts, [*firsts[1:], len(ascending)], strict=True)
+        ]
+        rows = pa.Table.from_batches(pieces, schema=self.schema).combine_chunks()
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return rows.take(pa.array(back))
+
+
+def take_rows(batch: pa.Table, taker: RowTaker) -> pa.Table:
+    """The rows at a batch's positions."""
+    return taker.take(batch["position"].to_numpy())
 
 
 def gather(table: Dataset, positions: np.ndarray, columns: list[str] | None = None) -> Dataset:
     """The rows of table at positions, in that order, as a new Dataset: a batched `map` over
-    the positions takes each batch with Arrow's `take` (an indices mapping would gather row by
-    row at every later read). table has no indices mapping (map and gather make none). Written
+    the positions takes each batch's rows (RowTaker; an indices mapping would gather row by row
+    at every later read). table has no indices mapping (map and gather make none). Written
     beside the table's cache files when it has some."""
     columns = table.column_names if columns is None else columns
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    key = hashlib.md5(positions.tobytes())
+    key.update(json.dumps([table.cache_files, columns, table._fingerprint]).encode())
     cache = None
     if table.cache_files:
         folder = Path(table.cache_files[0]["filename"]).parent
-        key = hashlib.md5(np.ascontiguousarray(positions, dtype=np.int64).tobytes())
-        key.update(json.dumps([table.cache_files, columns]).encode())
         cache = str(folder / f"rows-{key.hexdigest()}.arrow")
     return (
-        Dataset.from_dict({"position": np.asarray(positions, dtype=np.int64)})
+        Dataset.from_dict({"position": positions})
         .with_format("arrow")
         .map(
             take_rows,
             batched=True,
             batch_size=10_000,
-            fn_kwargs={"table": table.data.table.select(columns)},
+            fn_kwargs={"taker": RowTaker(table.data.table.select(columns))},
             remove_columns=["position"],
             cache_file_name=cache,
-            new_fingerprint=Path(cache).stem if cache else None,
+            new_fingerprint=f"rows-{key.hexdigest()}",
         )
         .with_format(None)
     )
@@ -313,8 +358,8 @@ class Rows:
     @classmethod
     def of(cls, table: Dataset, positions: np.ndarray) -> Rows:
         """The rows at positions of a table with KEY_SHA and ROW_SHA columns."""
-        keys, content = digests(table.data.column(KEY_SHA)), digests(table.data.column(ROW_SHA))
-        return cls(table, positions, keys[positions], content[positions])
+        keys = digests(table.data.column(KEY_SHA), positions)
+        return cls(table, positions, keys, digests(table.data.column(ROW_SHA), positions))
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -373,17 +418,26 @@ def finish_splits(splits: dict[str, Rows], data: DataConfig, cut: Cut) -> int:
 
 def remove_leakage(splits: dict[str, Rows]) -> int:
     """Drop validation/test rows whose key is in train (and validation keys seen in test).
-    Returns the count."""
-    seen = splits["train"].keys
+    Returns the count. The keys seen are kept sorted and looked up by bisection (np.isin sorted
+    their concatenation with a split's keys: several copies of every key at once)."""
+    seen = np.sort(splits["train"].keys)
     dropped = 0
     for name in ("test", "validation"):
         if name not in splits:
             continue
-        leaked = np.isin(splits[name].keys, seen)
+        leaked = sorted_contains(seen, splits[name].keys)
         dropped += int(leaked.sum())
         splits[name] = splits[name].take(np.flatnonzero(~leaked))
-        seen = np.concatenate([seen, splits[name].keys])
+        seen = np.sort(np.concatenate([seen, splits[name].keys]))
     return dropped
+
+
+def sorted_contains(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each value, whether the sorted array `ordered` holds it."""
+    if len(ordered) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(ordered, values), len(ordered) - 1)
+    return ordered[at] == values
 
 
 def log_dataset_inputs(
