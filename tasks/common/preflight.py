@@ -9,9 +9,10 @@ from __future__ import annotations
 import onnxruntime as ort
 import torch
 
-from tasks.common.config import PipelineConfig
+from tasks.common.config import PipelineConfig, load_config
 from tasks.common.errors import ConfigError
 from tasks.common.onnx import CUDA
+from tasks.common.tracking import probe_server, tracking_uri
 
 
 def training_device_available(device: str) -> bool:
@@ -43,9 +44,6 @@ def check_before_prefect(config_path: str, overrides: list[str]) -> None:
     """What the CLI checks before it starts Prefect's temporary server (about 10 s here): the
     config, the devices and a tracking server that never answers are reported at once, and the
     flow checks them again where it runs."""
-    from tasks.common.config import load_config
-    from tasks.common.tracking import probe_server, tracking_uri
-
     config = load_config(config_path, overrides)
     check_devices(config)
     probe_server(tracking_uri(config.tracking))
