@@ -11,6 +11,10 @@ which shares the pages it was forked with). The old path
 is the same stage at a baseline commit (`git archive` of its tasks/ package, pandas frames and
 a second tokenizer pass), run the same way, side by side.
 
+`--memory-limit-mb M` runs each child in a memory cgroup of M MB (v1 or v2, where one can be
+created): mapped Arrow pages are reclaimed at the limit, anonymous memory is not, so a run
+that finishes there fits a container of that size; `--child-timeout-s` ends one that thrashes.
+
 `--whole-run N` also runs the whole pipeline through the CLI on a folder with an N-row training
 file and 500-row validation and test files (`train.max_steps=2`), sampling the CLI process's
 VmHWM and the RSS of its process tree.
@@ -139,16 +143,58 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(figures), flush=True)
 
 
-def run_child(path: Path, tasks_root: Path) -> dict:
-    """The stage in a fresh process whose `tasks` package is the one under tasks_root."""
+class MemoryLimit:
+    """A memory cgroup (v1 or v2, where this process may create one) limiting a child: its page
+    cache and mapped Arrow pages are charged to it and reclaimed at the limit, its anonymous
+    memory is not (the out-of-memory killer ends it)."""
+
+    V1, V2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
+
+    def __init__(self, megabytes: int):
+        v1 = self.V1 / "memory.limit_in_bytes"
+        self.folder = (self.V1 if v1.exists() else self.V2) / f"bench-prep-{os.getpid()}"
+        try:
+            self.folder.mkdir()
+            limit = "memory.limit_in_bytes" if v1.exists() else "memory.max"
+            (self.folder / limit).write_text(str(megabytes * 2**20))
+        except OSError as exc:
+            raise SystemExit(f"--memory-limit-mb needs a writable memory cgroup ({exc})") from None
+
+    def enter(self) -> None:
+        """In the child, before exec: join the cgroup."""
+        (self.folder / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        """Remove the cgroup once its processes (a stopped child's workers too) have ended."""
+        for _ in range(50):
+            try:
+                self.folder.rmdir()
+                return
+            except OSError:
+                for pid in (self.folder / "cgroup.procs").read_text().split():
+                    os.kill(int(pid), 9)
+                time.sleep(0.2)
+
+
+def run_child(path: Path, tasks_root: Path, limit_mb: int = 0, timeout_s: float | None = None):
+    """The stage in a fresh process whose `tasks` package is the one under tasks_root (in a
+    memory cgroup of limit_mb when given); None when it did not finish within timeout_s."""
     work = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf-cache"), TOKENIZERS_PARALLELISM="true")
     env["PYTHONPATH"] = os.pathsep.join([str(tasks_root), str(ROOT)])
     command = [sys.executable, __file__, "--child", "--data", str(path), "--work", str(work)]
+    limit = MemoryLimit(limit_mb) if limit_mb else None
     try:
-        done = subprocess.run(command, env=env, cwd=tasks_root, capture_output=True, text=True)
+        done = subprocess.run(
+            command, env=env, cwd=tasks_root, capture_output=True, text=True,
+            timeout=timeout_s, preexec_fn=limit.enter if limit else None,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if limit:
+            limit.remove()
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"child failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -223,6 +269,10 @@ def main() -> None:
     parser.add_argument("--old-max", type=int, default=1_000_000, help="largest N for the old path")
     parser.add_argument("--baseline", default=BASELINE)
     parser.add_argument("--whole-run", type=int, default=0, help="rows of the whole-run file")
+    parser.add_argument(
+        "--memory-limit-mb", type=int, default=0, help="run each child in a memory cgroup"
+    )
+    parser.add_argument("--child-timeout-s", type=float, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -241,14 +291,23 @@ def main() -> None:
             paths = [("new", ROOT)] + ([("old", old_root)] if rows <= args.old_max else [])
             results = {}
             for name, root in paths:
-                results[name] = run_child(path, root)
-                r = results[name]
+                r = run_child(path, root, args.memory_limit_mb, args.child_timeout_s)
+                if r is None:
+                    print(
+                        f"{rows:>9} {name:>4} did not finish in {args.child_timeout_s:.0f} s"
+                        + (f" in {args.memory_limit_mb} MB" if args.memory_limit_mb else ""),
+                        flush=True,
+                    )
+                    continue
+                results[name] = r
+                limited = f", in {args.memory_limit_mb} MB" if args.memory_limit_mb else ""
                 print(
                     f"{rows:>9} {name:>4} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} "
-                    f"{r['peak_anon_mb']:>8.0f} {r['worker_peak_rss_mb']:>9.0f}  ({r['tasks']})",
+                    f"{r['peak_anon_mb']:>8.0f} {r['worker_peak_rss_mb']:>9.0f}  ({r['tasks']})"
+                    f"{limited}",
                     flush=True,
                 )
-            if "old" in results:
+            if len(results) == 2:
                 ratio = results["old"]["seconds"] / results["new"]["seconds"]
                 print(f"{rows:>9} old/new seconds {ratio:.2f}x", flush=True)
             path.unlink()
