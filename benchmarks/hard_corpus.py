@@ -28,7 +28,6 @@ import random
 import re
 import subprocess
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +130,14 @@ def fetch_man_pages(folder: Path) -> Path:
 def alternating_p50(sessions: dict, singles: list, warmup: int, runs: int) -> dict[str, float]:
     """Batch-1 p50 (ms) of each session on the same single texts, the sessions taking turns in
     blocks of requests (tasks/common/latency.interleaved), so that every engine sees the same
-    machine load (one request each in turn timed each against the others' spinning threads)."""
-    runs_by_name = {
-        name: partial(lambda s, k: s.run(["logits"], session_feed(s, singles[k % len(singles)])), s)
-        for name, s in sessions.items()
-    }
+    machine load (one request each in turn timed each against the others' spinning threads).
+    Only session.run is timed: each session's feeds are made first."""
+
+    def timed_run(session):
+        feeds = [session_feed(session, batch) for batch in singles]
+        return lambda k: session.run(["logits"], feeds[k % len(feeds)])
+
+    runs_by_name = {name: timed_run(session) for name, session in sessions.items()}
     samples = interleaved(runs_by_name, runs, block=10, warmup=warmup)
     return {name: float(np.median(values)) for name, values in samples.items()}
 

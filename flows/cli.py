@@ -115,15 +115,24 @@ def _start_prefect_api() -> None:
     watch([process_target(server.server_process.pid)], grace_s=5)
 
 
-def _run(args) -> dict:
-    from flows.retrain import retrain_flow
+def _before_a_flow(args) -> list[str]:
+    """What `run` and `watch` do before their flow: credentials out of the overrides (never a
+    flow parameter), the log filter, the checks that need no Prefect, then Prefect's API.
+    Returns the overrides the flow gets."""
     from tasks.common.credentials import move_credentials_to_environment
     from tasks.common.preflight import check_before_prefect
 
-    overrides = move_credentials_to_environment(args.overrides)  # never a flow parameter
+    overrides = move_credentials_to_environment(args.overrides)
     _install_log_filter(args.verbose)
     check_before_prefect(args.config, overrides)
     _start_prefect_api()
+    return overrides
+
+
+def _run(args) -> dict:
+    from flows.retrain import retrain_flow
+
+    overrides = _before_a_flow(args)
     return retrain_flow(
         config_path=args.config, overrides=overrides, force=args.force, wait=args.wait
     )
@@ -132,13 +141,8 @@ def _run(args) -> dict:
 def _watch(args) -> dict:
     """One watch check; its verdict on stderr (stdout carries the JSON)."""
     from flows.watch import watch_flow
-    from tasks.common.credentials import move_credentials_to_environment
-    from tasks.common.preflight import check_before_prefect
 
-    overrides = move_credentials_to_environment(args.overrides)
-    _install_log_filter(args.verbose)
-    check_before_prefect(args.config, overrides)
-    _start_prefect_api()
+    overrides = _before_a_flow(args)
     with redirect_stdout(sys.stderr):
         result = watch_flow(config_path=args.config, overrides=overrides)
     print(f"\n{result['verdict']}\nevents: {', '.join(result['events']) or 'none'}\n",
