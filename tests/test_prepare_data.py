@@ -342,3 +342,72 @@ def test_content_hash_reads_the_files_in_pieces(tmp_path, monkeypatch):
     whole = hashlib.sha256(b"a.csv" + b"b.csv" + files[0].read_bytes()).hexdigest()
     monkeypatch.setattr(common, "HASH_CHUNK_BYTES", 7)
     assert common.content_sha256(files) == whole
+
+
+def test_stratified_cut_is_sklearns_train_test_split():
+    """The same (rest, part) indices as sklearn's train_test_split(stratify=...) for random
+    strata (class codes with gaps, uneven classes), shares and seeds."""
+    import math
+
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    from tasks.classification.data import stratified_cut
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    while compared < 150:
+        classes = int(rng.integers(2, 9))
+        codes = rng.choice(
+            np.arange(classes) * int(rng.integers(1, 4)), int(rng.integers(20, 3000))
+        )
+        codes = np.concatenate([codes, np.unique(codes), np.unique(codes)]).astype(np.int32)
+        share, seed = float(rng.choice([0.1, 0.15, 0.2, 0.5])), int(rng.integers(0, 1000))
+        part_rows = math.ceil(share * len(codes))
+        if min(part_rows, len(codes) - part_rows) < len(np.unique(codes)):
+            continue
+        want = train_test_split(
+            np.arange(len(codes)), test_size=share, random_state=seed, stratify=codes
+        )
+        got = stratified_cut(codes, part_rows, seed)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+        compared += 1
+
+
+def test_first_of_each_key_keeps_np_uniques_rows(tmp_path):
+    """Duplicates dropped as np.unique(keys, return_index=True) drops them (the first of each
+    key, in row order), keys with trailing zero bytes included."""
+    import numpy as np
+    from datasets import Dataset
+
+    from tasks.common.datasets import Rows
+
+    rng = np.random.default_rng(2)
+    pool = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(300)]
+    pool[:2] = [bytes(16), b"\x01" + bytes(15)]
+    keys = np.array([pool[i] for i in rng.integers(0, 300, 2000)], dtype="S16")
+    rows = Rows(Dataset.from_dict({"x": [0]}), np.arange(2000) * 3, keys)
+    _, first = np.unique(keys, return_index=True)
+    kept = rows.first_of_each_key()
+    assert np.array_equal(kept.positions, np.sort(first) * 3)
+    assert np.array_equal(kept.keys, keys[np.sort(first)])
+
+
+def test_the_dataset_digest_is_md5_of_the_row_digests_in_split_order(tmp_path):
+    """The MLflow digest of a split: md5 over each row's 16-byte digest of text and label, in
+    the split's order (read from the gathered rows, no longer kept per row in memory)."""
+    import hashlib
+
+    from tasks.classification.data import COLUMNS, split_rows
+    from tasks.common.datasets import ROW_SHA, sha16
+
+    path = tmp_path / "d.csv"
+    _rows(40).to_csv(path, index=False)
+    splits, _, _ = split_rows(DataConfig(path=str(path)))
+    for rows in splits.values():
+        table, digest = rows.dataset_and_digest(COLUMNS)
+        assert table.column_names == COLUMNS and ROW_SHA not in table.column_names
+        md5 = hashlib.md5()
+        for text, label in zip(table["text"], table["label"], strict=True):
+            md5.update(sha16(f"{text}\0{label}"))
+        assert digest == md5.hexdigest()[:8]

@@ -49,9 +49,11 @@ from tasks.common.datasets import (
     load_rows,
     log_dataset_inputs,
     parallel_map,
+    save_splits,
     sha16,
 )
 from tasks.common.errors import DataError
+from tasks.common.mapped_pages import released
 from tasks.common.models import load_tokenizer
 from tasks.common.stage import StageContext
 from tasks.records import PreparedData
@@ -136,13 +138,14 @@ def read_conversations(path: Path, data: DataConfig) -> tuple[Rows, int]:
         remove_columns=rows.column_names,
         desc="reading records",
     )
-    error = first_error(table)
-    if error:
-        raise DataError(f"data file {path}, {error}") from None
-    blank = table.data.column("blank").to_numpy(zero_copy_only=False)
-    if blank.all():
-        raise DataError(f"data file {path}: every record is blank ({int(blank.sum())} rows)")
-    return Rows.of(table, np.flatnonzero(~blank)), int(blank.sum())
+    with released(table):  # the columns read here: errors, blanks, digests
+        error = first_error(table)
+        if error:
+            raise DataError(f"data file {path}, {error}") from None
+        blank = table.data.column("blank").to_numpy(zero_copy_only=False)
+        if blank.all():
+            raise DataError(f"data file {path}: every record is blank ({int(blank.sum())} rows)")
+        return Rows.of(table, np.flatnonzero(~blank)), int(blank.sum())
 
 
 def random_split(rows: Rows, share: float, seed: int) -> tuple[Rows, Rows]:
@@ -337,10 +340,8 @@ def prepare_data(stage: StageContext) -> PreparedData:
     config, run, data = stage.config, stage.run, stage.config.data
     check_base_model(config.model, config.data.max_length)
     splits, dropped, content_sha = build_conversation_splits(data)
-    tables = {
-        name: (rows.dataset(["text", "response"]).rename_column("text", "prompt"), rows.digest())
-        for name, rows in splits.items()
-    }
+    tables = {name: rows.dataset_and_digest(["text", "response"]) for name, rows in splits.items()}
+    tables = {name: (t.rename_column("text", "prompt"), d) for name, (t, d) in tables.items()}
     log_dataset_inputs(run, data, tables, targets="response")
     del tables
     tokenizer = load_tokenizer(config.model)
@@ -349,7 +350,7 @@ def prepare_data(stage: StageContext) -> PreparedData:
     rows = {name: len(split) for name, split in splits.items()}
     del splits
     out_dir = stage.stage_dir("data")
-    dataset.save_to_disk(str(out_dir / "tokenized"))
+    save_splits(dataset, out_dir / "tokenized")
     del dataset
     tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
     metrics |= {f"rows.{k}": v for k, v in rows.items()}

@@ -4,9 +4,11 @@ Saved under <data>: `tokenized` (a DatasetDict: text, label, labels and the toke
 inputs, unpadded; the collator pads per batch), `tokenizer` and `label_names.json`.
 
 The rows stream: `datasets` reads each file into memory-mapped Arrow, a batched `map` strips
-and digests them, the split works on row positions, and one batched `map` tokenizes each split
-(truncation counted from the tokenizer's overflow, so the texts are tokenized once; a fast
-tokenizer's ids go from Rust into Arrow arrays without Python rows in between).
+and digests them, the split works on row positions (sklearn's stratified cut, drawn the same
+way without its Python lists), and one batched `map` tokenizes each split (truncation counted
+from the tokenizer's overflow, so the texts are tokenized once; a fast tokenizer's ids go from
+Rust into Arrow arrays without Python rows in between). Pages read from the mapped files are
+given back as each step goes (mapped_pages).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Value, load_from_disk
-from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils.extmath import _approximate_mode
 
 from tasks.classification.modeling import check_base_model
 from tasks.common.config import DataConfig, PipelineConfig
@@ -43,9 +46,12 @@ from tasks.common.datasets import (
     log_dataset_inputs,
     parallel_map,
     require_text,
+    save_splits,
     sha16,
+    writer_batch_rows,
 )
 from tasks.common.errors import DataError
+from tasks.common.mapped_pages import opened, released
 from tasks.common.models import load_tokenizer
 from tasks.common.stage import StageContext
 from tasks.records import PreparedData
@@ -112,23 +118,24 @@ def clean(rows: Dataset, where: str) -> tuple[Rows, dict[str, int], Counter]:
     the rows, the drop counts and how often each label was written (before stripping)."""
     arrow = rows.with_format("arrow")
     table = parallel_map(arrow, clean_batch, batched=True, desc="cleaning").with_format(None)
-    empty = table.data.column("empty").to_numpy()
-    no_label = table.data.column("no_label").to_numpy()
-    kept = ~empty & ~no_label
-    written = pc.value_counts(pc.filter(table.data.column("written"), pa.array(kept)))
-    spellings = Counter(dict(zip(*(written.field(i).to_pylist() for i in (0, 1)), strict=True)))
-    counts = {
-        "empty_text": int(empty.sum()),
-        "missing_label": int((no_label & ~empty).sum()),
-    }
-    if not kept.any():
-        raise DataError(
-            f"data {where}: no rows left after dropping empty texts and missing labels "
-            f"({counts['empty_text']} empty texts, {counts['missing_label']} missing labels)"
-        )
-    every = Rows.of(table, np.flatnonzero(kept))
-    unique = every.first_of_each_key()
-    counts["duplicates"] = len(every) - len(unique)
+    with released(table):  # the columns read here: flags, labels, digests
+        empty = table.data.column("empty").to_numpy()
+        no_label = table.data.column("no_label").to_numpy()
+        kept = ~empty & ~no_label
+        written = pc.value_counts(pc.filter(table.data.column("written"), pa.array(kept)))
+        spellings = Counter(dict(zip(*(written.field(i).to_pylist() for i in (0, 1)), strict=True)))
+        counts = {
+            "empty_text": int(empty.sum()),
+            "missing_label": int((no_label & ~empty).sum()),
+        }
+        if not kept.any():
+            raise DataError(
+                f"data {where}: no rows left after dropping empty texts and missing labels "
+                f"({counts['empty_text']} empty texts, {counts['missing_label']} missing labels)"
+            )
+        every = Rows.of(table, np.flatnonzero(kept))
+        unique = every.first_of_each_key()
+        counts["duplicates"] = len(every) - len(unique)
     return unique, counts, spellings
 
 
@@ -151,11 +158,13 @@ def check_spellings(spellings: Counter, where: str) -> None:
 def with_classes(splits: dict[str, Rows]) -> None:
     """Give every split's rows their label codes (indices into the sorted label names)."""
     labels = {name: rows.table.data.column("label") for name, rows in splits.items()}
-    names = sorted(set().union(*(pc.unique(c).drop_null().to_pylist() for c in labels.values())))
-    value_set = pa.array(names, pa.string())
-    for name, rows in splits.items():
-        codes = pc.fill_null(pc.index_in(labels[name], value_set=value_set), -1).to_numpy()
-        splits[name] = replace(rows, strata=codes[rows.positions], classes=tuple(names))
+    with released(*(rows.table for rows in splits.values())):
+        found = (pc.unique(c).drop_null().to_pylist() for c in labels.values())
+        names = sorted(set().union(*found))
+        value_set = pa.array(names, pa.string())
+        for name, rows in splits.items():
+            codes = pc.fill_null(pc.index_in(labels[name], value_set=value_set), -1).to_numpy()
+            splits[name] = replace(rows, strata=codes[rows.positions], classes=tuple(names))
 
 
 def carve(rows: Rows, share: float, seed: int) -> tuple[Rows, Rows]:
@@ -177,10 +186,31 @@ def carve(rows: Rows, share: float, seed: int) -> tuple[Rows, Rows]:
             f"each side: add rows, or set data.split.test / data.split.validation so that "
             f"each share holds at least {len(present)} rows"
         )
-    rest, part = train_test_split(
-        np.arange(len(rows)), test_size=share, random_state=seed, stratify=rows.strata
-    )
+    rest, part = stratified_cut(rows.strata, cut_rows, seed)
     return rows.take(rest), rows.take(part)
+
+
+def stratified_cut(strata: np.ndarray, part_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's `train_test_split(np.arange(n), test_size=part_rows / n, random_state=seed,
+    stratify=strata)`: the same (rest, part) indices from the same random draws (its
+    StratifiedShuffleSplit, step by step), without the Python lists of every index it builds
+    on the way (about 40 bytes a row). strata: non-negative class codes, every class present
+    at least twice and on both sides (carve checks that first)."""
+    per_code = np.bincount(strata)
+    present = np.flatnonzero(per_code)
+    counts = per_code[present]  # rows per class, classes in sorted order (np.unique's)
+    rank = np.zeros(len(per_code), dtype=strata.dtype)
+    rank[present] = np.arange(len(present))
+    members = np.split(np.argsort(rank[strata], kind="stable"), np.cumsum(counts)[:-1])
+    rng = check_random_state(seed)
+    rest_counts = _approximate_mode(counts, len(strata) - part_rows, rng)
+    part_counts = _approximate_mode(counts - rest_counts, part_rows, rng)
+    rest, part = [], []
+    for i, indices in enumerate(members):
+        shuffled = indices.take(rng.permutation(counts[i]), mode="clip")
+        rest.append(shuffled[: rest_counts[i]])
+        part.append(shuffled[rest_counts[i] : rest_counts[i] + part_counts[i]])
+    return rng.permutation(np.concatenate(rest)), rng.permutation(np.concatenate(part))
 
 
 def label_set(rows: Dataset) -> set[str]:
@@ -292,8 +322,15 @@ def encode_split(split: Dataset, tokenizer, label_ids: dict[str, int], max_lengt
             "label_ids": label_ids,
         }
         arrow = split.with_format("arrow")
-        done = arrow.map(encode_arrow, batched=True, fn_kwargs=options, desc=f"tokenizing {name}")
-        return done.with_format(None)
+        with released(split):
+            done = arrow.map(
+                encode_arrow,
+                batched=True,
+                fn_kwargs=options,
+                writer_batch_size=writer_batch_rows(split),
+                desc=f"tokenizing {name}",
+            )
+        return opened(done.with_format(None))
     options = {"tokenizer": tokenizer, "label_ids": label_ids, "max_length": max_length}
     return parallel_map(
         split, encode_batch, batched=True, fn_kwargs=options, desc=f"tokenizing {name}"
@@ -334,21 +371,22 @@ def prepare_data(stage: StageContext) -> PreparedData:
     config, run = stage.config, stage.run
     check_base_model(config.model, config.data.max_length)
     splits, dropped, content_sha = split_rows(config.data)
-    tables = {name: rows.dataset(COLUMNS) for name, rows in splits.items()}
-    digests = {name: rows.digest() for name, rows in splits.items()}
+    gathered = {name: rows.dataset_and_digest(COLUMNS) for name, rows in splits.items()}
     del splits
-    names = check_labels(tables)
+    tables = {name: table for name, (table, _) in gathered.items()}
+    with released(*tables.values()):  # the label columns read to check and count
+        names = check_labels(tables)
+        counts = class_counts(tables)
     rows = {name: len(split) for name, split in tables.items()}
     metrics = {f"rows.{k}": v for k, v in rows.items()}
     metrics |= {f"dropped.{k}": v for k, v in dropped.items()}
-    run.log_table(class_counts(tables), CLASS_COUNTS_FILE)
-    inputs = {name: (tables[name], digests[name]) for name in tables}
-    log_dataset_inputs(run, config.data, inputs, targets="label")
-    del inputs
+    run.log_table(counts, CLASS_COUNTS_FILE)
+    log_dataset_inputs(run, config.data, gathered, targets="label")
+    del gathered
     dataset, tokenizer, truncated = tokenize(tables, names, config)
     del tables
     out_dir = stage.stage_dir("data")
-    dataset.save_to_disk(str(out_dir / "tokenized"))
+    save_splits(dataset, out_dir / "tokenized")
     del dataset
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     (out_dir / LABELS_FILE).write_text(json.dumps(names))

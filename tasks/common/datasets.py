@@ -7,8 +7,10 @@ identity for re-run detection.
 
 The rows stay in Arrow (memory-mapped by `datasets`) from the file to the saved splits: a
 batched `map` cleans and digests them, and splitting, de-duplicating and de-leaking work on
-small numpy arrays (row positions, 16-byte text digests, label codes), never on Python lists
-or pandas frames of the corpus.
+small numpy arrays (row positions, 16-byte text digests, label codes: 24-26 bytes a row),
+never on Python lists or pandas frames of the corpus. The pages each step reads from the
+mapped files are given back as it goes (mapped_pages), so resident memory does not grow with
+the tables.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Features, Value, load_dataset
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -33,6 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from tasks.common.config import DataConfig
 from tasks.common.credentials import redact
 from tasks.common.errors import DataError
+from tasks.common.mapped_pages import mappings_of, opened, release, released
 from tasks.common.tracking import TrackedRun
 
 SPLITS = ("train", "validation", "test")
@@ -40,6 +43,8 @@ KEY_SHA = "key_sha"  # column: 16-byte digest of what makes two rows the same ex
 ROW_SHA = "row_sha"  # column: 16-byte digest of the whole row (the MLflow dataset digest)
 ROWS_PER_PROCESS = 100_000  # a map over fewer rows runs in one process: forking costs more
 HASH_CHUNK_BYTES = 2**20
+WRITER_BATCH_BYTES = 4 * 2**20  # record batches a map writes: see writer_batch_rows
+GATHER_BATCH_ROWS = 50_000  # rows a gather takes at a time: each take walks the whole table
 DATA_PROFILE_FILE = "data/profile.json"  # table: rows.<split>, dropped.<reason>, truncated.<split>
 SPLIT_FILE_STEMS = {
     "train": ("train",),
@@ -161,7 +166,7 @@ def load_rows(path: Path, data: DataConfig) -> Dataset:
         raise read_error(path, fmt, exc) from None
     if len(rows) == 0:
         raise DataError(f"data file {path} has a header but no rows")
-    return rows
+    return opened(rows)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -237,15 +242,52 @@ def map_processes(rows: int) -> int | None:
 TOKENIZER_THREADS = "TOKENIZERS_PARALLELISM"
 
 
+def writer_batch_rows(table: Dataset) -> int:
+    """Rows per record batch for a map over table to write: about WRITER_BATCH_BYTES of table's
+    rows (datasets writes 1,000 by default, 130 KB of short texts, and the kernel maps the 64 KB
+    around every page read from a mapped file: reading one small column, or each batch's header
+    when a file is opened, then mapped about half of the file)."""
+    size = sum(os.path.getsize(f["filename"]) for f in table.cache_files)
+    if not size or not len(table):
+        return 1000
+    return int(np.clip(WRITER_BATCH_BYTES * len(table) / size, 1000, 100_000))
+
+
+class ReleasingPages:
+    """function(batch, ...), the pages of the file the batches were read from given back every
+    RELEASE_BYTES of Arrow batches: a map's worker processes read their shard in file order,
+    and without this each one's resident memory grew to the size of its shard."""
+
+    RELEASE_BYTES = 64 * 2**20
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.read = 0
+
+    def __call__(self, batch, *args, **kwargs):
+        try:
+            return self.function(batch, *args, **kwargs)
+        finally:
+            if isinstance(batch, pa.Table):
+                self.read += batch.nbytes
+                if self.read >= self.RELEASE_BYTES:
+                    release(mappings_of(batch))
+                    self.read = 0
+
+
 def parallel_map(rows: Dataset, function: Callable, **kwargs) -> Dataset:
-    """rows.map(function, ...) over map_processes(len(rows)) processes. datasets' map with
-    num_proc sets TOKENIZERS_PARALLELISM=false for its workers, then puts back Python's
-    os.environ mapping only: the C environment, which the Rust tokenizer reads, kept "false",
-    and every later fast-tokenizer call in this process ran on one thread (1.7x slower on 2
-    cores: tokenizing, evaluation, serving checks). The variable is put back here."""
+    """rows.map(function, ...) over map_processes(len(rows)) processes, the pages read given
+    back (in this process, and by each worker after each Arrow batch: mapped_pages). datasets'
+    map with num_proc sets TOKENIZERS_PARALLELISM=false for its workers, then puts back
+    Python's os.environ mapping only: the C environment, which the Rust tokenizer reads, kept
+    "false", and every later fast-tokenizer call in this process ran on one thread (1.7x slower
+    on 2 cores: tokenizing, evaluation, serving checks). The variable is put back here."""
     before = os.environ.get(TOKENIZER_THREADS)
     try:
-        return rows.map(function, num_proc=map_processes(len(rows)), **kwargs)
+        kwargs.setdefault("writer_batch_size", writer_batch_rows(rows))
+        processes = map_processes(len(rows))
+        with released(rows):
+            return opened(rows.map(ReleasingPages(function), num_proc=processes, **kwargs))
     finally:
         if before is None:
             os.environ.pop(TOKENIZER_THREADS, None)
@@ -261,35 +303,47 @@ def sha16(text: str) -> bytes:
 
 def digests(column: pa.ChunkedArray | pa.Array, positions: np.ndarray | None = None) -> np.ndarray:
     """A column of 16-byte digests (the rows at positions, or all) as a numpy 'S16' array
-    (equal digests compare equal). Filled chunk by chunk: no whole-column temporaries."""
+    (equal digests compare equal). Filled chunk by chunk; ascending positions are picked chunk
+    by chunk too: no whole-column temporaries."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    every = np.empty(len(column), dtype="S16")
-    start = 0
+    ascending = positions is not None and bool((np.diff(positions) >= 0).all())
+    if positions is not None and not ascending:
+        return digests(column)[positions]
+    every = np.empty(len(column) if positions is None else len(positions), dtype="S16")
+    start, filled = 0, 0
     for chunk in chunks:
         fixed = pc.cast(chunk, pa.binary(16))
-        values = np.frombuffer(fixed.buffers()[1], dtype="S16")
-        every[start : start + len(fixed)] = values[fixed.offset : fixed.offset + len(fixed)]
+        values = np.frombuffer(fixed.buffers()[1], dtype="S16")[fixed.offset :][: len(fixed)]
+        if positions is None:
+            every[start : start + len(fixed)] = values
+        else:
+            a, b = np.searchsorted(positions, [start, start + len(fixed)])
+            every[filled : filled + b - a] = values[positions[a:b] - start]
+            filled += b - a
         start += len(fixed)
-    if positions is None or (len(positions) == len(every) and _is_every_row(positions)):
-        return every
-    return every[positions]
-
-
-def _is_every_row(positions: np.ndarray) -> bool:
-    return bool(positions[0] == 0 and (np.diff(positions) == 1).all()) if len(positions) else True
+    return every
 
 
 class RowTaker:
     """Takes rows by position from a table's record batches, each batch's rows with that batch's
     own `take`. pyarrow's Table.take concatenates every chunk of a column first: a copy of the
     whole table (120 MB per million 120-character texts) for each 10,000 rows taken, which made
-    gathering a split quadratic in its rows."""
+    gathering a split quadratic in its rows.
+
+    A take walks the batches in file order, and rows spread over the whole table touch nearly
+    every page of its memory-mapped file, so the pages read are given back every
+    RELEASE_BYTES of batches walked (mapped_pages): resident memory stays flat, not the size
+    of the table."""
+
+    RELEASE_BYTES = 64 * 2**20
 
     def __init__(self, table: pa.Table):
         self.batches = table.to_batches()
         sizes = [len(b) for b in self.batches]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.schema = table.schema
+        self.mappings = mappings_of(table)
+        self.table = table  # holds the mappings
 
     def take(self, positions: np.ndarray) -> pa.Table:
         """The rows at positions, in that order."""
@@ -299,10 +353,15 @@ class RowTaker:
         ascending = positions[order]
         owner = np.searchsorted(self.starts, ascending, side="right") - 1
         firsts = np.flatnonzero(np.diff(owner, prepend=-1))  # where each batch's rows begin
-        pieces = [
-            self.batches[owner[a]].take(pa.array(ascending[a:b] - self.starts[owner[a]]))
-            for a, b in zip(firsts, [*firsts[1:], len(ascending)], strict=True)
-        ]
+        pieces, walked = [], 0
+        for a, b in zip(firsts, [*firsts[1:], len(ascending)], strict=True):
+            batch = self.batches[owner[a]]
+            pieces.append(batch.take(pa.array(ascending[a:b] - self.starts[owner[a]])))
+            walked += batch.nbytes
+            if walked >= self.RELEASE_BYTES:
+                release(self.mappings)
+                walked = 0
+        release(self.mappings)
         rows = pa.Table.from_batches(pieces, schema=self.schema).combine_chunks()
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
@@ -327,39 +386,42 @@ def gather(table: Dataset, positions: np.ndarray, columns: list[str] | None = No
     if table.cache_files:
         folder = Path(table.cache_files[0]["filename"]).parent
         cache = str(folder / f"rows-{key.hexdigest()}.arrow")
-    return (
-        Dataset.from_dict({"position": positions})
-        .with_format("arrow")
-        .map(
-            take_rows,
-            batched=True,
-            batch_size=10_000,
-            fn_kwargs={"taker": RowTaker(table.data.table.select(columns))},
-            remove_columns=["position"],
-            cache_file_name=cache,
-            new_fingerprint=f"rows-{key.hexdigest()}",
-        )
-        .with_format(None)
+    rows = Dataset.from_dict({"position": positions}).with_format("arrow")
+    gathered = rows.map(
+        take_rows,
+        batched=True,
+        batch_size=GATHER_BATCH_ROWS,
+        fn_kwargs={"taker": RowTaker(table.data.table.select(columns))},
+        remove_columns=["position"],
+        writer_batch_size=writer_batch_rows(table),
+        cache_file_name=cache,
+        new_fingerprint=f"rows-{key.hexdigest()}",
     )
+    return opened(gathered.with_format(None))
+
+
+def save_splits(splits: DatasetDict, folder: Path) -> None:
+    """splits.save_to_disk(folder), the pages it reads given back as it goes (mapped_pages)."""
+    with released(*splits.values()):
+        splits.save_to_disk(str(folder))
 
 
 @dataclass(frozen=True)
 class Rows:
-    """Some rows of one cleaned table, by position, with their digests and (for a stratified
-    cut) label codes: splitting and de-leaking move these small arrays, not the rows."""
+    """Some rows of one cleaned table, by position, with their keys and (for a stratified cut)
+    label codes: splitting and de-leaking move these small arrays (24-26 bytes a row), not the
+    rows. Their content digests (ROW_SHA) stay in the table until the split is gathered."""
 
     table: Dataset
     positions: np.ndarray
     keys: np.ndarray  # KEY_SHA per row: rows with equal keys are the same example
-    content: np.ndarray  # ROW_SHA per row
     strata: np.ndarray | None = None  # a class code per row, for a stratified cut
     classes: tuple[str, ...] = ()  # the class of each code
 
     @classmethod
     def of(cls, table: Dataset, positions: np.ndarray) -> Rows:
         """The rows at positions of a table with KEY_SHA and ROW_SHA columns."""
-        keys = digests(table.data.column(KEY_SHA), positions)
-        return cls(table, positions, keys, digests(table.data.column(ROW_SHA), positions))
+        return cls(table, positions, digests(table.data.column(KEY_SHA), positions))
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -367,26 +429,32 @@ class Rows:
     def take(self, where: np.ndarray) -> Rows:
         """The rows at `where` (positions into these rows)."""
         strata = None if self.strata is None else self.strata[where]
-        return replace(
-            self,
-            positions=self.positions[where],
-            keys=self.keys[where],
-            content=self.content[where],
-            strata=strata,
-        )
+        return replace(self, positions=self.positions[where], keys=self.keys[where], strata=strata)
 
     def first_of_each_key(self) -> Rows:
-        """The rows whose key has not occurred before (exact duplicates dropped, order kept)."""
-        _, first = np.unique(self.keys, return_index=True)
-        return self.take(np.sort(first))
+        """The rows whose key has not occurred before (exact duplicates dropped, order kept):
+        np.unique(keys, return_index=True)'s rows, without its copies of the keys."""
+        order = np.argsort(self.keys, kind="stable")  # equal keys keep their row order
+        ordered = self.keys[order]
+        first = np.empty(len(order), dtype=bool)
+        first[:1] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        del ordered
+        return self.take(np.sort(order[first]))
 
     def dataset(self, columns: list[str]) -> Dataset:
         """These rows' columns, in their order, as a new Dataset (see gather)."""
         return gather(self.table, self.positions, columns)
 
-    def digest(self) -> str:
-        """The MLflow dataset digest: md5 over the rows' contents, in order (8 hex digits)."""
-        return hashlib.md5(self.content.tobytes()).hexdigest()[:8]
+    def dataset_and_digest(self, columns: list[str]) -> tuple[Dataset, str]:
+        """dataset(columns), and the MLflow dataset digest: md5 over the rows' ROW_SHA digests
+        in order (8 hex digits), read from the gathered split chunk by chunk."""
+        table = gather(self.table, self.positions, [*columns, ROW_SHA])
+        md5 = hashlib.md5()
+        with released(table):
+            for chunk in table.data.column(ROW_SHA).chunks:
+                md5.update(digests(chunk).tobytes())
+        return table.remove_columns(ROW_SHA), md5.hexdigest()[:8]
 
 
 # cut(rows, share, seed) -> (rest, part): a stratified or a random seeded cut
@@ -418,17 +486,20 @@ def finish_splits(splits: dict[str, Rows], data: DataConfig, cut: Cut) -> int:
 
 def remove_leakage(splits: dict[str, Rows]) -> int:
     """Drop validation/test rows whose key is in train (and validation keys seen in test).
-    Returns the count. The keys seen are kept sorted and looked up by bisection (np.isin sorted
-    their concatenation with a split's keys: several copies of every key at once)."""
-    seen = np.sort(splits["train"].keys)
+    Returns the count. Each split's keys seen are sorted once and looked up by bisection (np.isin
+    sorted their concatenation with a split's keys: several copies of every key at once)."""
+    seen = [np.sort(splits["train"].keys)]
     dropped = 0
     for name in ("test", "validation"):
         if name not in splits:
             continue
-        leaked = sorted_contains(seen, splits[name].keys)
+        keys = splits[name].keys
+        leaked = np.zeros(len(keys), dtype=bool)
+        for ordered in seen:
+            leaked |= sorted_contains(ordered, keys)
         dropped += int(leaked.sum())
         splits[name] = splits[name].take(np.flatnonzero(~leaked))
-        seen = np.sort(np.concatenate([seen, splits[name].keys]))
+        seen.append(np.sort(splits[name].keys))
     return dropped
 
 
