@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset, load_from_disk
 
 from tasks.common import datasets as common
+from tasks.common import mapped_pages
 from tasks.common.mapped_pages import arrow_mappings, mappings_of, opened, released
 
 LINUX = Path("/proc/self/smaps").exists()
@@ -86,7 +87,7 @@ def test_a_take_across_the_table_gives_pages_back_as_it_walks(mapped, monkeypatc
     every RELEASE_BYTES of batches walked, and takes the same rows as Arrow does."""
     calls = []
     monkeypatch.setattr(common, "release", lambda mappings: calls.append(len(mappings)))
-    monkeypatch.setattr(common.RowTaker, "RELEASE_BYTES", 2**20)
+    monkeypatch.setattr(mapped_pages, "RELEASE_BYTES", 2**20)
     table = mapped.data.table
     positions = np.random.default_rng(0).permutation(len(table))[:20_000]
     taken = common.RowTaker(table).take(positions)
@@ -114,7 +115,7 @@ def test_a_map_function_gives_back_the_pages_of_each_batch(mapped, monkeypatch):
     """What a map's worker process runs: after each RELEASE_BYTES of Arrow batches (here each
     batch), the pages read are given back (the batch's rows are unchanged, a dict batch is left
     alone)."""
-    monkeypatch.setattr(common.ReleasingPages, "RELEASE_BYTES", 1)
+    monkeypatch.setattr(mapped_pages, "RELEASE_BYTES", 1)
     name = Path(mapped.cache_files[0]["filename"]).name
     seen = []
     function = common.ReleasingPages(lambda batch: seen.append(len(batch)) or {})

@@ -340,8 +340,10 @@ def prepare_data(stage: StageContext) -> PreparedData:
     config, run, data = stage.config, stage.run, stage.config.data
     check_base_model(config.model, config.data.max_length)
     splits, dropped, content_sha = build_conversation_splits(data)
-    tables = {name: rows.dataset_and_digest(["text", "response"]) for name, rows in splits.items()}
-    tables = {name: (t.rename_column("text", "prompt"), d) for name, (t, d) in tables.items()}
+    tables = {}
+    for name, rows in splits.items():
+        table, digest = rows.dataset_and_digest(["text", "response"])
+        tables[name] = (table.rename_column("text", "prompt"), digest)
     log_dataset_inputs(run, data, tables, targets="response")
     del tables
     tokenizer = load_tokenizer(config.model)

@@ -44,14 +44,14 @@ from tasks.common.datasets import (
     finish_splits,
     load_rows,
     log_dataset_inputs,
+    map_rows,
     parallel_map,
     require_text,
     save_splits,
     sha16,
-    writer_batch_rows,
 )
 from tasks.common.errors import DataError
-from tasks.common.mapped_pages import opened, released
+from tasks.common.mapped_pages import released
 from tasks.common.models import load_tokenizer
 from tasks.common.stage import StageContext
 from tasks.records import PreparedData
@@ -322,15 +322,10 @@ def encode_split(split: Dataset, tokenizer, label_ids: dict[str, int], max_lengt
             "label_ids": label_ids,
         }
         arrow = split.with_format("arrow")
-        with released(split):
-            done = arrow.map(
-                encode_arrow,
-                batched=True,
-                fn_kwargs=options,
-                writer_batch_size=writer_batch_rows(split),
-                desc=f"tokenizing {name}",
-            )
-        return opened(done.with_format(None))
+        done = map_rows(
+            arrow, encode_arrow, batched=True, fn_kwargs=options, desc=f"tokenizing {name}"
+        )
+        return done.with_format(None)
     options = {"tokenizer": tokenizer, "label_ids": label_ids, "max_length": max_length}
     return parallel_map(
         split, encode_batch, batched=True, fn_kwargs=options, desc=f"tokenizing {name}"

@@ -35,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from tasks.common.config import DataConfig
 from tasks.common.credentials import redact
 from tasks.common.errors import DataError
-from tasks.common.mapped_pages import mappings_of, opened, release, released
+from tasks.common.mapped_pages import ReadBudget, mappings_of, opened, release, released
 from tasks.common.tracking import TrackedRun
 
 SPLITS = ("train", "validation", "test")
@@ -255,39 +255,39 @@ def writer_batch_rows(table: Dataset) -> int:
 
 class ReleasingPages:
     """function(batch, ...), the pages of the file the batches were read from given back every
-    RELEASE_BYTES of Arrow batches: a map's worker processes read their shard in file order,
-    and without this each one's resident memory grew to the size of its shard."""
-
-    RELEASE_BYTES = 64 * 2**20
+    RELEASE_BYTES of Arrow batches (mapped_pages): a map's worker processes read their shard in
+    file order, and without this each one's resident memory grew to the size of its shard."""
 
     def __init__(self, function: Callable):
         self.function = function
-        self.read = 0
+        self.budget = ReadBudget()
 
     def __call__(self, batch, *args, **kwargs):
         try:
             return self.function(batch, *args, **kwargs)
         finally:
-            if isinstance(batch, pa.Table):
-                self.read += batch.nbytes
-                if self.read >= self.RELEASE_BYTES:
-                    release(mappings_of(batch))
-                    self.read = 0
+            if isinstance(batch, pa.Table) and self.budget.spent(batch.nbytes):
+                release(mappings_of(batch))
+
+
+def map_rows(rows: Dataset, function: Callable, num_proc: int | None = None, **kwargs) -> Dataset:
+    """rows.map(function, ...) with the pages it reads given back (mapped_pages: in this process
+    while it runs, in each worker as it goes, and those read opening the result) and record
+    batches of about WRITER_BATCH_BYTES written (unless kwargs set writer_batch_size)."""
+    kwargs.setdefault("writer_batch_size", writer_batch_rows(rows))
+    with released(rows):
+        return opened(rows.map(ReleasingPages(function), num_proc=num_proc, **kwargs))
 
 
 def parallel_map(rows: Dataset, function: Callable, **kwargs) -> Dataset:
-    """rows.map(function, ...) over map_processes(len(rows)) processes, the pages read given
-    back (in this process, and by each worker after each Arrow batch: mapped_pages). datasets'
-    map with num_proc sets TOKENIZERS_PARALLELISM=false for its workers, then puts back
-    Python's os.environ mapping only: the C environment, which the Rust tokenizer reads, kept
-    "false", and every later fast-tokenizer call in this process ran on one thread (1.7x slower
-    on 2 cores: tokenizing, evaluation, serving checks). The variable is put back here."""
+    """map_rows over map_processes(len(rows)) processes. datasets' map with num_proc sets
+    TOKENIZERS_PARALLELISM=false for its workers, then puts back Python's os.environ mapping
+    only: the C environment, which the Rust tokenizer reads, kept "false", and every later
+    fast-tokenizer call in this process ran on one thread (1.7x slower on 2 cores: tokenizing,
+    evaluation, serving checks). The variable is put back here."""
     before = os.environ.get(TOKENIZER_THREADS)
     try:
-        kwargs.setdefault("writer_batch_size", writer_batch_rows(rows))
-        processes = map_processes(len(rows))
-        with released(rows):
-            return opened(rows.map(ReleasingPages(function), num_proc=processes, **kwargs))
+        return map_rows(rows, function, map_processes(len(rows)), **kwargs)
     finally:
         if before is None:
             os.environ.pop(TOKENIZER_THREADS, None)
@@ -335,15 +335,12 @@ class RowTaker:
     RELEASE_BYTES of batches walked (mapped_pages): resident memory stays flat, not the size
     of the table."""
 
-    RELEASE_BYTES = 64 * 2**20
-
     def __init__(self, table: pa.Table):
-        self.batches = table.to_batches()
+        self.batches = table.to_batches()  # they hold the file mappings for as long as we live
         sizes = [len(b) for b in self.batches]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.schema = table.schema
         self.mappings = mappings_of(table)
-        self.table = table  # holds the mappings
 
     def take(self, positions: np.ndarray) -> pa.Table:
         """The rows at positions, in that order."""
@@ -353,14 +350,12 @@ class RowTaker:
         ascending = positions[order]
         owner = np.searchsorted(self.starts, ascending, side="right") - 1
         firsts = np.flatnonzero(np.diff(owner, prepend=-1))  # where each batch's rows begin
-        pieces, walked = [], 0
+        pieces, budget = [], ReadBudget()
         for a, b in zip(firsts, [*firsts[1:], len(ascending)], strict=True):
             batch = self.batches[owner[a]]
             pieces.append(batch.take(pa.array(ascending[a:b] - self.starts[owner[a]])))
-            walked += batch.nbytes
-            if walked >= self.RELEASE_BYTES:
+            if budget.spent(batch.nbytes):
                 release(self.mappings)
-                walked = 0
         release(self.mappings)
         rows = pa.Table.from_batches(pieces, schema=self.schema).combine_chunks()
         back = np.empty_like(order)
@@ -386,18 +381,18 @@ def gather(table: Dataset, positions: np.ndarray, columns: list[str] | None = No
     if table.cache_files:
         folder = Path(table.cache_files[0]["filename"]).parent
         cache = str(folder / f"rows-{key.hexdigest()}.arrow")
-    rows = Dataset.from_dict({"position": positions}).with_format("arrow")
-    gathered = rows.map(
+    gathered = map_rows(
+        Dataset.from_dict({"position": positions}).with_format("arrow"),
         take_rows,
         batched=True,
         batch_size=GATHER_BATCH_ROWS,
         fn_kwargs={"taker": RowTaker(table.data.table.select(columns))},
         remove_columns=["position"],
-        writer_batch_size=writer_batch_rows(table),
+        writer_batch_size=writer_batch_rows(table),  # the rows' size, not the positions'
         cache_file_name=cache,
         new_fingerprint=f"rows-{key.hexdigest()}",
     )
-    return opened(gathered.with_format(None))
+    return gathered.with_format(None)
 
 
 def save_splits(splits: DatasetDict, folder: Path) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 
 MADV_DONTNEED = 4  # Linux
+RELEASE_BYTES = 64 * 2**20  # read between two releases by a step that releases as it goes
 MAPS = Path("/proc/self/maps")
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 if _LIBC is not None:
@@ -90,6 +91,21 @@ def release(mappings: list[Mapping]) -> None:
     """Drop the mappings' pages from this process's resident set (they stay in the page cache)."""
     for m in mappings:
         _LIBC.madvise(m.start, m.end - m.start, MADV_DONTNEED)
+
+
+class ReadBudget:
+    """Counts the bytes a step reads; `spent` says when RELEASE_BYTES have been read since it
+    last said so (time to release)."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def spent(self, nbytes: int) -> bool:
+        self.read += nbytes
+        if self.read < RELEASE_BYTES:
+            return False
+        self.read = 0
+        return True
 
 
 def mappings_of(*tables) -> list[Mapping]:
