@@ -48,7 +48,14 @@ def test_peak_flops_from_clock_cores_and_instructions(monkeypatch):
     assert amx.share(amx.int8 / 2, "int8") == pytest.approx(0.5)
     avx512 = peak_flops(cpuinfo=SKYLAKE)
     assert avx512.fp32 == pytest.approx(2 * 3.0e9 * 64) and avx512.bf16 is None
-    assert avx512.int8 is None  # no VNNI: no int8 peak claimed
+    # no VNNI: onnxruntime's int8 kernels multiply with vpmaddubsw, AVX2's here (no avx512bw)
+    assert avx512.int8 == pytest.approx(2 * 3.0e9 * 128)
+    assert peak_flops(cpuinfo=SKYLAKE.replace("avx512f", "avx512f avx512bw")).int8 == (
+        pytest.approx(2 * 3.0e9 * 256)
+    )
+    zen3 = peak_flops(cpuinfo=ZEN4.replace("avx512f avx512_bf16 avx512_vnni", ""))
+    assert (zen3.fp32, zen3.bf16) == (pytest.approx(2 * 2.6e9 * 32), None)  # AVX2, full width
+    assert zen3.int8 == pytest.approx(2 * 2.6e9 * 128)
     assert avx512.share(1e9, "bf16") is None
     unknown = peak_flops(cpuinfo="")
     assert unknown.fp32 is None and unknown.share(1e9, "fp32") is None

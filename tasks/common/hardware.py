@@ -20,9 +20,10 @@ CPUINFO = Path("/proc/cpuinfo")
 # 32 fp32 multiply-adds, AVX2 16; AVX512-BF16 (vdpbf16ps) 64 bf16 ones; an AMX tile unit 512.
 FP32_FLOPS_PER_CYCLE = {"avx512f": 64, "avx2": 32}
 BF16_FLOPS_PER_CYCLE = {"amx_bf16": 1024, "avx512_bf16": 128}
-# int8 multiply-adds x 2 per cycle per core: AMX-INT8 tiles, AVX-512 VNNI (vpdpbusd on 2 ports)
-INT8_OPS_PER_CYCLE = {"amx_int8": 2048, "avx512_vnni": 256}
-AVX512_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni")
+# int8 multiply-adds x 2 per cycle per core: AMX-INT8 tiles, AVX-512 VNNI (vpdpbusd on 2 ports);
+# without VNNI, onnxruntime's u8s8 kernels multiply with vpmaddubsw (2 ports), 512 or 256 bits wide
+INT8_OPS_PER_CYCLE = {"amx_int8": 2048, "avx512_vnni": 256, "avx512bw": 256, "avx2": 128}
+AVX512_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "avx512bw")
 # (vendor, cpu family) that run 512-bit instructions as two 256-bit halves: AMD Zen 4 (family
 # 25 with AVX-512; Zen 3, also family 25, has none). Their AVX-512 peak is half the table's.
 HALF_WIDTH_AVX512 = {("AuthenticAMD", "25")}
