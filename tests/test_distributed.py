@@ -161,6 +161,23 @@ def test_fsdp_without_cuda_is_refused_before_any_rank_starts(single, make_tiny_c
             TrainingError,
             r"was killed by SIGKILL; .*out-of-memory killer",
         ),
+        (
+            {
+                "cause": "rank",
+                "exitcode": -6,
+                "signal": "SIGABRT",
+                "message": "",
+                "output": "terminate called after throwing 'gloo::IoException'",
+            },
+            TrainingError,
+            r"killed by SIGABRT \(its last output:\nterminate called after throwing "
+            r"'gloo::IoException'\n\); the group was stopped",
+        ),
+        (
+            {"cause": "rank", "exitcode": 1, "message": "RuntimeError: boom", "output": "noise"},
+            TrainingError,
+            r"exited with code 1: RuntimeError: boom; the group",  # its own message, not noise
+        ),
     ],
 )
 def test_a_failed_rank_becomes_an_error_naming_it(outcome, error, message, tiny_config):
@@ -255,8 +272,11 @@ def test_a_killed_rank(restarts, single, make_tiny_config, still_bert, tmp_path,
     if restarts:
         again = train_lora(faulty, data, run)
     else:
+        # rank 1's output went to its log file: the error ends with its last line
         with pytest.raises(
-            TrainingError, match=r"rank 1 \(local rank 1 on .*\) was killed by SIGKILL"
+            TrainingError,
+            match=r"rank 1 \(local rank 1 on .*\) was killed by SIGKILL \(its last output:"
+            r"\n(.*\n)*fault point rank1:step4: SIGKILL\n\); the group was stopped",
         ):
             train_lora(faulty, data, run)
         monkeypatch.delenv(KILL_AT_ENV)
@@ -321,6 +341,38 @@ def test_a_ranks_error_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch
     assert data["message"]["message"] == "ValueError: rank 1 ran out of patience"
     assert list(tmp_path.iterdir()) == [error_file]
     assert AtomicErrorHandler().partial is None
+
+
+def test_a_failed_ranks_outcome_carries_the_end_of_its_stderr(tmp_path):
+    """torchrun writes a redirected rank's stderr to <log dir>/<run>/attempt_<k>/<local
+    rank>/: the outcome keeps the last attempt's last non-blank lines (at most OUTPUT_LINES);
+    none where there is no file (local rank 0 prints on the console)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from tasks.common.elastic import OUTPUT_LINES, rank_outcome
+
+    lines = [f"line {k}" for k in range(40)] + ["", "Fatal Python error: Aborted", ""]
+    for attempt, text in (("attempt_1", "\n".join(lines)), ("attempt_0", "the first attempt")):
+        (tmp_path / "run_x" / attempt / "1").mkdir(parents=True)
+        (tmp_path / "run_x" / attempt / "1" / "stderr.log").write_text(text)
+    killed = ProcessFailure(1, 101, -6, str(tmp_path / "no-error-file.json"))
+    outcome = rank_outcome(ChildFailedError("rank", {3: killed}), str(tmp_path))
+    assert (outcome["rank"], outcome["local_rank"], outcome["signal"]) == (3, 1, "SIGABRT")
+    assert outcome["message"] == ""  # not torch's made-up "Signal 6 (SIGABRT) received by PID"
+    assert outcome["output"].splitlines() == [*lines[40 - OUTPUT_LINES + 1 : 40], lines[41]]
+    console = ProcessFailure(0, 100, -6, str(tmp_path / "no-error-file.json"))
+    assert rank_outcome(ChildFailedError("rank", {0: console}), str(tmp_path))["output"] == ""
+
+
+def test_torchrun_sends_the_other_local_ranks_output_to_files(make_tiny_config, tmp_path):
+    """Local rank 0 prints on the console; ranks 1.. write stdout and stderr to the log folder
+    (torchrun's filter alone would drop their output); one rank: nothing redirected."""
+    from tasks.common.distributed import torchrun_arguments
+
+    for nproc, redirects in ((3, "--redirects=1:3,2:3"), (1, "--redirects=0")):
+        config = make_tiny_config(tmp_path, [*ddp(nproc), "train.batch_size=6"])
+        args = torchrun_arguments(config, "run", "m", tmp_path / "spec", tmp_path / "logs")
+        assert redirects in args and "--local-ranks-filter=0" in args
 
 
 def test_the_failure_reported_is_the_rank_that_caused_the_others(tmp_path):

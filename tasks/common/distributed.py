@@ -46,10 +46,12 @@ def is_distributed(config: PipelineConfig) -> bool:
 def torchrun_arguments(
     config: PipelineConfig, run_id: str, entry_module: str, spec: Path, log_dir: Path
 ) -> list[str]:
-    """torchrun's command line: c10d rendezvous, restarts, rank 0's output on the console
-    (the other ranks' output goes to log_dir), then `-m entry_module spec`."""
+    """torchrun's command line: c10d rendezvous, restarts, local rank 0's output on the
+    console (the other local ranks' stdout and stderr go to files in log_dir, where a failure
+    report reads their last lines), then `-m entry_module spec`."""
     dist = config.train.distributed
     nproc = nproc_per_node(dist)
+    to_files = ",".join(f"{local_rank}:3" for local_rank in range(1, nproc)) or "0"
     check_global_batch(config.train, dist.nnodes * nproc)
     if dist.strategy == "fsdp" and not torch.cuda.is_available():
         raise ConfigError(FSDP_NEEDS_CUDA)  # before any rank starts; ranks check it again
@@ -62,6 +64,7 @@ def torchrun_arguments(
         f"--rdzv-conf=join_timeout={dist.join_timeout_s}",
         f"--max-restarts={dist.max_restarts}",
         f"--log-dir={log_dir}",
+        f"--redirects={to_files}",
         "--local-ranks-filter=0",
         "--module",
         entry_module,
@@ -85,6 +88,8 @@ def launch(config: PipelineConfig, run_id: str, entry_module: str, folder: Path,
     # Ranks of a restarted group must not share the rendezvous store: they would read the
     # previous attempt's addresses and hang in init_process_group (pytorch/pytorch#135712).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # A rank that aborts or crashes in native code (gloo, a kernel) prints its Python stacks.
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     grace = config.train.distributed.grace_s
     group = start_group(command, grace_s=grace, env=env)
     # A flow run of a Prefect worker can outlive a stopped worker: its ranks must not.
@@ -137,6 +142,9 @@ def failure(config: PipelineConfig, outcome: dict | None, code: int | None, logs
         else f"exited with code {outcome['exitcode']}"
     )
     said = f": {outcome['message']}" if outcome["message"] else ""
+    output = outcome.get("output") or ""
+    if output and not outcome["message"]:  # its own message says more than its output
+        said = f" (its last output:\n{output}\n)"
     restarts = (
         f" after {dist.max_restarts} restart(s)"
         if dist.max_restarts

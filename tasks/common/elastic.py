@@ -8,7 +8,8 @@ the group ended, as JSON, instead of a traceback for the stage to parse:
 - {"ok": false, "cause": "rendezvous", "joined": K, "nnodes": N, "seconds": T}
 - {"ok": false, "cause": "rank", "rank": R, "local_rank": L, "host": H, "exitcode": E,
   "signal": "SIGKILL" or null, "message": "<ErrorClass>: <text>" of the rank's own error, if
-  it recorded one}
+  it recorded one, "output": the last lines the rank wrote to stderr (where torchrun redirected
+  them to a file: every local rank but 0)}
 
 K (nodes that joined) is the most participants this node saw in the rendezvous, polled while
 it waits. The rendezvous backend is torch's c10d, registered under another name only so that
@@ -105,9 +106,13 @@ PEER_LOST = re.compile(
 
 
 def _message(failure: ProcessFailure) -> str:
+    """The rank's own message, from its error file; empty where it left none (torch then
+    makes one up, "Signal 9 (SIGKILL) received by PID ...", which says no more than the
+    outcome's signal or exit code)."""
     if isinstance(failure.message, dict):
-        return str(failure.message.get("message", ""))  # the rank's error file
-    return failure.message if isinstance(failure.message, str) else ""
+        return str(failure.message.get("message", ""))
+    own = isinstance(failure.message, str) and os.path.isfile(failure.error_file)
+    return failure.message if own else ""
 
 
 def root_cause(failures: dict[int, ProcessFailure]) -> int:
@@ -130,9 +135,32 @@ def root_cause(failures: dict[int, ProcessFailure]) -> int:
     return min(failures, key=order)
 
 
-def rank_outcome(exc: ChildFailedError) -> dict:
+OUTPUT_LINES = 12  # of a failed rank's stderr, in its outcome
+OUTPUT_CHARS = 2000
+
+
+def last_output(log_dir: str | None, local_rank: int) -> str:
+    """The end of the local rank's stderr in the group's last attempt (torchrun writes
+    <log_dir>/<run>/attempt_<k>/<local rank>/stderr.log); empty where its stderr was not
+    redirected (local rank 0: the console has it). A rank killed by a signal leaves no error
+    file, so the file is found from the folder, not from the failure."""
+    files = Path(log_dir or "/nonexistent").glob(f"*/attempt_*/{local_rank}/stderr.log")
+    stderr = max(
+        files, key=lambda f: int(f.parent.parent.name.removeprefix("attempt_")), default=None
+    )
+    try:
+        with open(stderr, "rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - 4 * OUTPUT_CHARS))
+            text = file.read().decode("utf-8", errors="replace")
+    except (OSError, TypeError):
+        return ""
+    lines = [line for line in text.splitlines() if line.strip()][-OUTPUT_LINES:]
+    return "\n".join(lines)[-OUTPUT_CHARS:]
+
+
+def rank_outcome(exc: ChildFailedError, log_dir: str | None = None) -> dict:
     """The failed rank that caused the others' failure (`root_cause`): where it ran, how it
-    ended, and its own message if any."""
+    ended, its own message if any and the end of its output."""
     rank = root_cause(exc.failures)
     failure = exc.failures[rank]
     message = _message(failure)
@@ -145,6 +173,7 @@ def rank_outcome(exc: ChildFailedError) -> dict:
         "exitcode": failure.exitcode,
         "signal": failure.signal_name() if failure.exitcode < 0 else None,
         "message": message.strip(),  # "<ErrorClass>: <text>" (torch's @record on the rank)
+        "output": last_output(log_dir, failure.local_rank),
     }
 
 
@@ -168,7 +197,7 @@ def main(argv: list[str]) -> int:
             "seconds": round(time.monotonic() - start),
         }
     except ChildFailedError as exc:
-        outcome = rank_outcome(exc)
+        outcome = rank_outcome(exc, args.log_dir)
     outcome_file.write_text(json.dumps(outcome))
     return 0 if outcome["ok"] else 1
 

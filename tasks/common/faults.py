@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 KILL_AT_ENV = "LORA_RETRAIN_KILL_AT"
 
@@ -17,4 +18,5 @@ KILL_AT_ENV = "LORA_RETRAIN_KILL_AT"
 def kill_point(name: str) -> None:
     """SIGKILL this process here if the environment names this point."""
     if os.environ.get(KILL_AT_ENV) == name:
+        print(f"fault point {name}: SIGKILL", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
