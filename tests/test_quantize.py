@@ -11,7 +11,7 @@ from tasks.classification.quantize import ClassifierScorer
 from tasks.common.errors import GateFailed
 from tasks.common.gates import evaluate_gate
 from tasks.common.onnx import SERVED_FILE, convert_fp16, instruction_set, quantization_config
-from tasks.common.quantization import Candidate, choose
+from tasks.common.quantization import RETIME_CALLS, Candidate, choose, retimed
 from tasks.stages import quantize
 
 
@@ -66,6 +66,36 @@ def test_choose_serves_fp32_when_no_variant_beats_it():
     chosen, reason = choose(fp32, [_candidate("dynamic_per_channel", 3.0)], fallback=True)
     assert chosen is fp32
     assert reason == "serving fp32: no variant passing the gates beat fp32's batch-1 p50 of 1.00 ms"
+
+
+def test_the_choice_retimes_fp32_and_the_passing_candidates_side_by_side(tmp_path):
+    """fp32 and each passing candidate make RETIME_CALLS timed requests (serve.latency_runs
+    when larger), in turns; a failing candidate is not run and keeps its figure."""
+    from types import SimpleNamespace
+
+    calls: dict[str, list[int]] = {}
+
+    class Scorer:
+        def requests(self, folder):
+            made = calls.setdefault(folder.name, [])
+            return (lambda text: made.append(text)), list(range(7)), 1.0
+
+    fp32 = replace(_candidate("fp32", 10.0), model_file=str(tmp_path / "fp32" / "model.onnx"))
+    ok, wrong = (
+        replace(c, model_file=str(tmp_path / c.name / "model.onnx"))
+        for c in (_candidate("ok", 3.0), _candidate("wrong", 2.0, agreement=0.5))
+    )
+    for runs in (5, 150):
+        calls.clear()
+        serve = SimpleNamespace(latency_runs=runs, warmup_runs=2)
+        fp32_again, (ok_again, wrong_again) = retimed(
+            Scorer(), tmp_path / "fp32", fp32, [ok, wrong], serve
+        )
+        timed = max(RETIME_CALLS, runs)
+        blocks = -(-timed // 10)
+        assert calls.keys() == {"fp32", "ok"}
+        assert all(len(made) == 2 + timed + blocks for made in calls.values())
+        assert wrong_again is wrong and ok_again.p50_ms != ok.p50_ms and fp32_again.p50_ms != 10.0
 
 
 def test_choose_fails_hard_without_fallback():

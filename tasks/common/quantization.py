@@ -43,6 +43,13 @@ from tasks.common.onnx import (
 )
 from tasks.common.tracking import ArtifactRef, TrackedRun
 
+# Timed requests per engine when fp32 and the passing candidates are timed side by side for
+# the choice (at least; serve.latency_runs when larger). On the AVX2-only CPU of 2026-12-07,
+# where int8 is only 1.2-1.3x fp32, 25 requests per engine put a mixed int8 graph at 0.73 to
+# 0.88 of fp32 in five repeats (and once at 1.07 in the stage, which then served fp32); 100
+# put it at 0.76 to 0.81. It costs about a second on the demo.
+RETIME_CALLS = 100
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -215,7 +222,7 @@ def retimed(
         str(i): partial(lambda run, inputs, k: run(inputs[k % len(inputs)]), run, inputs)
         for i, (run, inputs, _) in enumerate(engines)
     }
-    samples = interleaved(runs, max(20, serve.latency_runs // 2), warmup=serve.warmup_runs)
+    samples = interleaved(runs, max(RETIME_CALLS, serve.latency_runs), warmup=serve.warmup_runs)
     p50 = {
         id(c): float(np.median(samples[str(i)])) / divisor for i, c in enumerate([fp32, *passing])
     }
