@@ -93,7 +93,7 @@ from lora_core.peft_format import to_peft_fields  # noqa: E402
 from tasks.classification.data import build_splits, check_labels, tokenize  # noqa: E402
 from tasks.classification.modeling import first_token_last_layer, load_classifier  # noqa: E402
 from tasks.common.config import PipelineConfig, load_config  # noqa: E402
-from tasks.common.hardware import flops_per_token, peak_flops  # noqa: E402
+from tasks.common.hardware import flops_per_token, fmt_flops, peak_flops  # noqa: E402
 from tasks.common.models import lora_config, resolve_model_path  # noqa: E402
 from tasks.common.training import (  # noqa: E402
     MIXED_PRECISION,
@@ -539,7 +539,7 @@ def print_physical_limit(model, train: dict, train_ds) -> None:
     print(
         f"  physical limit: {per_token / 1e6:.1f} MFLOP per trained token (mean length "
         f"{mean_len:.0f}); {peak.cores} cores at {peak.clock_ghz} GHz, dense peak fp32 "
-        f"{(peak.fp32 or 0) / 1e9:.0f} GFLOP/s, bf16 {(peak.bf16 or 0) / 1e9:.0f} GFLOP/s"
+        f"{fmt_flops(peak.fp32)}, bf16 {fmt_flops(peak.bf16)}"
     )
     for arm, t in train.items():
         achieved = t["tokens_per_s"] * per_token

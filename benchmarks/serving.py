@@ -37,7 +37,7 @@ from tasks.classification.modeling import load_classifier, session_feed, session
 from tasks.classification.onnx_text_classifier import length_grouped
 from tasks.classification.serve_check import cycling, time_engines
 from tasks.common.config import load_config
-from tasks.common.hardware import flops_per_token, peak_flops
+from tasks.common.hardware import flops_per_token, fmt_flops, peak_flops
 from tasks.common.latency import interleaved
 from tasks.common.models import load_tokenizer
 from tasks.common.onnx import ONNX_FILE, SERVED_FILE, open_session
@@ -223,10 +223,6 @@ def print_physical_limit(model, tokenizer, texts, timings, engines, config) -> N
             if (share := peak.share(achieved, p)) is not None
         )
         print(f"  {engine:<12} batch 32: {fmt_flops(achieved)}  ({shares})")
-
-
-def fmt_flops(value: float | None) -> str:
-    return "unknown" if value is None else f"{value / 1e9:.0f} GFLOP/s"
 
 
 if __name__ == "__main__":

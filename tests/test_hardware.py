@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from tasks.classification.modeling import build_lora_model
 from tasks.classification.serve_check import speedups
 from tasks.common.config import LoraSection, ModelConfig, PipelineConfig
-from tasks.common.hardware import bf16_kernels, cpu_flags, flops_per_token, peak_flops
+from tasks.common.hardware import bf16_kernels, cpu_flags, flops_per_token, fmt_flops, peak_flops
 from tasks.common.training import GuardedTrainer, token_lengths, training_arguments
 
 SAPPHIRE_RAPIDS = """processor\t: 0
@@ -56,6 +56,7 @@ def test_peak_flops_from_clock_cores_and_instructions(monkeypatch):
     zen3 = peak_flops(cpuinfo=ZEN4.replace("avx512f avx512_bf16 avx512_vnni", ""))
     assert (zen3.fp32, zen3.bf16) == (pytest.approx(2 * 2.6e9 * 32), None)  # AVX2, full width
     assert zen3.int8 == pytest.approx(2 * 2.6e9 * 128)
+    assert (fmt_flops(zen3.bf16), fmt_flops(zen3.fp32)) == ("unknown", "166 GFLOP/s")
     assert avx512.share(1e9, "bf16") is None
     unknown = peak_flops(cpuinfo="")
     assert unknown.fp32 is None and unknown.share(1e9, "fp32") is None

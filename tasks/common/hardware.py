@@ -111,6 +111,11 @@ def peak_flops(flags: set[str] | None = None, cpuinfo: str | None = None) -> Pea
     )
 
 
+def fmt_flops(value: float | None) -> str:
+    """A FLOP/s figure for a report: GFLOP/s, or "unknown" (no such instructions, no clock)."""
+    return "unknown" if value is None else f"{value / 1e9:.0f} GFLOP/s"
+
+
 def flops_per_token(model: torch.nn.Module, seq_len: float, training: bool = False) -> float:
     """Dense FLOPs one token costs in `model`: 2 per weight of every Linear layer (embeddings
     are lookups) plus the attention scores and mixing, 4 x seq_len x hidden per layer.
