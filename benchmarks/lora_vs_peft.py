@@ -370,18 +370,32 @@ class Lockstep:
 
 
 class TakeTurns(TrainerCallback):
-    def __init__(self, lock: Lockstep, name: str) -> None:
-        self.lock, self.name = lock, name
+    """One arm's turns in the lockstep, with torch's RNG as if the arm trained alone: the
+    arms run in threads of one process and share the global generator, which the samplers
+    (batch order) and dropout draw from. Each arm's turn starts from where its own last turn
+    left the generator (until 2026-12-07 two arms with the same settings drew different
+    batch orders: 0.834 and 0.881 test accuracy, both fp32)."""
+
+    def __init__(self, lock: Lockstep, name: str, rng_state: torch.Tensor) -> None:
+        self.lock, self.name, self.rng_state = lock, name, rng_state
+
+    def _take(self) -> None:
+        self.lock.acquire(self.name)
+        torch.set_rng_state(self.rng_state)
+
+    def _give(self, done: bool = False) -> None:
+        self.rng_state = torch.get_rng_state()
+        self.lock.release(self.name, done=done)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.lock.acquire(self.name)
+        self._take()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.lock.release(self.name)
-        self.lock.acquire(self.name)
+        self._give()
+        self._take()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.lock.release(self.name, done=True)
+        self._give(done=True)
 
 
 def make_trainer(
@@ -483,14 +497,16 @@ def train_lockstep(
     results: dict[str, dict] = {}
     errors: list[BaseException] = []
     with tempfile.TemporaryDirectory() as tmp:
-        setups = {
-            arm: make_trainer(arm, config, dataset, tokenizer, label_names, Path(tmp), max_steps)
-            for arm in arms
-        }
+        setups, rng_states = {}, {}
+        for arm in arms:  # each arm's generator as its Trainer left it (seeded)
+            setups[arm] = make_trainer(
+                arm, config, dataset, tokenizer, label_names, Path(tmp), max_steps
+            )
+            rng_states[arm] = torch.get_rng_state()
 
         def run(arm: str) -> None:
             trainer, collator = setups[arm]
-            trainer.add_callback(TakeTurns(lock, arm))
+            trainer.add_callback(TakeTurns(lock, arm, rng_states[arm]))
             try:
                 out = trainer.train()
                 results[arm] = {"steps": out.global_step, "loss": out.training_loss}
