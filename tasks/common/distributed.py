@@ -141,10 +141,12 @@ def failure(config: PipelineConfig, outcome: dict | None, code: int | None, logs
         if outcome["signal"]
         else f"exited with code {outcome['exitcode']}"
     )
-    said = f": {outcome['message']}" if outcome["message"] else ""
-    output = outcome.get("output") or ""
-    if output and not outcome["message"]:  # its own message says more than its output
-        said = f" (its last output:\n{output}\n)"
+    if outcome["message"]:  # its own message says more than its output
+        said = f": {outcome['message']}"
+    elif outcome.get("output"):
+        said = f" (its last output:\n{outcome['output']}\n)"
+    else:
+        said = ""
     restarts = (
         f" after {dist.max_restarts} restart(s)"
         if dist.max_restarts

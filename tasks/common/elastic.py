@@ -144,15 +144,15 @@ def last_output(log_dir: str | None, local_rank: int) -> str:
     <log_dir>/<run>/attempt_<k>/<local rank>/stderr.log); empty where its stderr was not
     redirected (local rank 0: the console has it). A rank killed by a signal leaves no error
     file, so the file is found from the folder, not from the failure."""
-    files = Path(log_dir or "/nonexistent").glob(f"*/attempt_*/{local_rank}/stderr.log")
-    stderr = max(
-        files, key=lambda f: int(f.parent.parent.name.removeprefix("attempt_")), default=None
-    )
+    files = list(Path(log_dir).glob(f"*/attempt_*/{local_rank}/stderr.log")) if log_dir else []
+    if not files:
+        return ""
+    stderr = max(files, key=lambda f: int(f.parent.parent.name.removeprefix("attempt_")))
     try:
         with open(stderr, "rb") as file:
             file.seek(max(0, file.seek(0, os.SEEK_END) - 4 * OUTPUT_CHARS))
             text = file.read().decode("utf-8", errors="replace")
-    except (OSError, TypeError):
+    except OSError:
         return ""
     lines = [line for line in text.splitlines() if line.strip()][-OUTPUT_LINES:]
     return "\n".join(lines)[-OUTPUT_CHARS:]
