@@ -10,6 +10,7 @@ Depends only on torch and safetensors (transformers' GPT-2 Conv1D is recognised 
 """
 
 from .config import LoraConfig, LoraError
+from .dropout import use_fast_dropout
 from .io import adapter_tensors, load_adapter, lora_state_dict, read_adapter_config, save_adapter
 from .model import (
     InjectionReport,
@@ -34,4 +35,5 @@ __all__ = [
     "adapter_tensors",
     "unload_lora",
     "unmerge_lora",
+    "use_fast_dropout",
 ]

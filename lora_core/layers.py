@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' GPT-2 style Conv1D (a Linear whose weight is stored [in, out])."""
@@ -140,7 +142,7 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = is_conv1d(base_layer)
         weight = base_layer.weight
         kw = {"device": weight.device, "dtype": _lora_dtype(weight)}
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
         self.reset_lora_parameters(init)
@@ -156,17 +158,47 @@ class LoraLinear(LoraLayer):
     def lora_parameter_names(self) -> tuple[str, str]:
         return "lora_A.weight", "lora_B.weight"
 
+    def _frozen_linear(self) -> bool:
+        """A plain frozen nn.Linear on CPU without hooks of its own (they would not run)."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and not base.weight.requires_grad
+            and base.weight.device.type == "cpu"
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        )
+
+    def _autocast_weight(self, device_type: str) -> torch.Tensor:
+        """The frozen base weight in autocast's dtype, cast once and kept until the weight
+        changes (a merge, a load). Autocast caches only weights that require grad, so a frozen
+        weight would be cast again on every forward; the fp32 weight stays the master copy."""
+        weight = self.base_layer.weight
+        dtype = torch.get_autocast_dtype(device_type)
+        key = (weight.data_ptr(), weight._version, dtype)
+        cached = self.__dict__.get("_cast_weight")
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().to(dtype))
+            self.__dict__["_cast_weight"] = cached  # not a buffer: state_dict stays the adapter's
+        return cached[1]
+
     def delta_weight(self) -> torch.Tensor:
         a, b = _fp32_on_cpu(self.lora_A.weight, self.lora_B.weight)
         delta = (b @ a) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast and not args and not kwargs and self._frozen_linear():
+            weight = self._autocast_weight(x.device.type)
+            if x.dtype == torch.float32:  # cast once for both branches, not once for each
+                x = x.to(weight.dtype)
+            result = F.linear(x, weight, self.base_layer.bias)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
             return result
         lora_A = self.lora_A
-        if x.dtype != lora_A.weight.dtype:
+        if x.dtype != lora_A.weight.dtype and not autocast:  # autocast casts for the matmul
             x = x.to(lora_A.weight.dtype)
         # Scale the rank-r activations, not the output: a (tokens x r) multiply instead of a
         # (tokens x out_features) one, forward and backward (PEFT scales the output).

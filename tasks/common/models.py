@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from lora_core import LoraConfig, LoraError, inject_lora, load_adapter
+from lora_core import LoraConfig, LoraError, inject_lora, load_adapter, use_fast_dropout
 from tasks.common.config import LoraSection, ModelConfig
 from tasks.common.errors import ConfigError, ModelError
 from tasks.common.storage import folder_size_mb
@@ -103,11 +103,14 @@ def lora_config(section: LoraSection) -> LoraConfig:
 
 
 def with_lora(model: nn.Module, section: LoraSection):
-    """Inject LoRA into model in place; returns (model, InjectionReport)."""
+    """Inject LoRA into model in place, for training: its dropouts draw lora_core's cheaper
+    CPU masks (lora_core.dropout); returns (model, InjectionReport)."""
     try:
-        return model, inject_lora(model, lora_config(section))
+        report = inject_lora(model, lora_config(section))
     except LoraError as exc:
         raise ModelError(str(exc)) from exc
+    use_fast_dropout(model)
+    return model, report
 
 
 def with_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:

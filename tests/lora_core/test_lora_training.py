@@ -62,6 +62,34 @@ def test_bf16_autocast_cpu() -> None:
             assert torch.isfinite(p.grad).all(), name
 
 
+def test_bf16_autocast_casts_a_frozen_weight_once() -> None:
+    """Under CPU autocast the frozen base weight is cast once, not per forward; the output is
+    what nn.Linear gives under autocast, and a merge (the weight changes) recasts it."""
+    base = nn.Linear(16, 12)
+    layer = LoraLinear(copy.deepcopy(base), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = base(x) + layer.lora_B(layer.lora_A(x) * layer.scaling)
+        out = layer(x)
+        cached = layer._cast_weight[1]
+        layer(x)
+        assert layer._cast_weight[1] is cached and cached.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    assert set(layer.state_dict()) == {
+        "base_layer.weight",
+        "base_layer.bias",
+        "lora_A.weight",
+        "lora_B.weight",
+    }
+    layer.merge()
+    merged = nn.Linear(16, 12)
+    merged.load_state_dict({"weight": layer.base_layer.weight, "bias": base.bias})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x), merged(x))  # a stale cast would drop the delta
+    assert layer.base_layer.weight.dtype == torch.float32
+
+
 def test_bf16_model_merge_and_backward() -> None:
     model = tiny_bert().to(torch.bfloat16)
     inject_lora(model, LoraConfig(r=4, target_modules=["query", "value"]))
