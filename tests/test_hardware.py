@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
+from lora_core.layers import LoraLinear
 from tasks.classification.modeling import build_lora_model
 from tasks.classification.serve_check import speedups
+from tasks.classification.train import training_setup
 from tasks.common.config import LoraSection, ModelConfig, PipelineConfig
 from tasks.common.hardware import bf16_kernels, cpu_flags, flops_per_token, fmt_flops, peak_flops
 from tasks.common.training import GuardedTrainer, token_lengths, training_arguments
@@ -100,7 +104,7 @@ def test_bf16_on_cpu_autocasts_the_matmuls_and_keeps_fp32_master_weights(tmp_pat
     rows = tokenizer(["my card was charged twice", "where is my parcel"] * 8)
     data = Dataset.from_dict({**rows, "labels": [0, 1] * 8})
     seen = set()
-    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
     layer.register_forward_hook(lambda m, i, out: seen.add(out.dtype) if m.training else None)
     config = PipelineConfig.model_validate(
         {"data": {"path": "unused.csv"}, "train": {"max_steps": 3, "batch_size": 4}}
@@ -148,3 +152,22 @@ def test_fp32_after_bf16_in_one_process_trains_in_fp32(tmp_path, tiny_bert):
     assert Trainer(model=model, args=args).accelerator.mixed_precision == "no"
     args = training_arguments(config, tmp_path / "bf16", "cpu", "bf16", evaluate=False)
     assert Trainer(model=model, args=args).accelerator.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("precision, width", [("bf16", 8), ("fp32", 6)])
+def test_half_precision_batches_pad_to_a_multiple_of_8(tmp_path, tiny_bert, precision, width):
+    """bf16/fp16 batches pad to a multiple of 8 (oneDNN builds a kernel per new shape on CPU,
+    tensor cores want it on GPU); fp32 batches pad to their longest text."""
+    (tmp_path / "label_names.json").write_text(json.dumps(["a", "b"]))
+    config = PipelineConfig.model_validate(
+        {
+            "data": {"path": "unused.csv"},
+            "model": {"name_or_path": str(tiny_bert)},
+            "train": {"precision": precision, "device": "cpu"},
+        }
+    )
+    setup = training_setup(config, tmp_path)
+    rows = [{"input_ids": [101] + [1000] * n + [102], "labels": 0} for n in (2, 4)]
+    batch = setup.collator(rows)
+    assert batch["input_ids"].shape == (2, width)
+    assert batch["attention_mask"].sum() == 10

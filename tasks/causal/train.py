@@ -16,12 +16,18 @@ from tasks.causal.data import TOKENIZER_DIR
 from tasks.causal.formatting import IGNORE_INDEX
 from tasks.causal.modeling import build_causal_lora_model
 from tasks.common.config import PipelineConfig
-from tasks.common.training import TrainingSetup
+from tasks.common.training import TrainingSetup, pad_multiple, training_precision
 
 
-def causal_collator(tokenizer):
-    """Packed rows are stacked as they are; other examples padded, labels with -100."""
-    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+def causal_collator(tokenizer, pad_to_multiple_of: int | None = None):
+    """Packed rows are stacked as they are; other examples padded (to the longest, or to a
+    multiple of pad_to_multiple_of), labels with -100."""
+    padded = DataCollatorForSeq2Seq(
+        tokenizer,
+        padding=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        label_pad_token_id=IGNORE_INDEX,
+    )
 
     def collate(features):
         return (
@@ -39,7 +45,7 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
         model=model,
         report=report,
         tokenizer=tokenizer,
-        collator=causal_collator(tokenizer),
+        collator=causal_collator(tokenizer, pad_multiple(training_precision(config.train))),
         compute_metrics=None,
         task_type="CAUSAL_LM",
     )

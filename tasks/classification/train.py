@@ -13,7 +13,7 @@ from tasks.classification.metrics import classification_metrics
 from tasks.classification.modeling import build_lora_model, first_token_last_layer
 from tasks.common.config import PipelineConfig
 from tasks.common.models import load_tokenizer
-from tasks.common.training import TrainingSetup
+from tasks.common.training import TrainingSetup, pad_multiple, training_precision
 
 
 def _compute_metrics(names):
@@ -34,7 +34,9 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
         model=model,
         report=report,
         tokenizer=tokenizer,
-        collator=DataCollatorWithPadding(tokenizer),
+        collator=DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=pad_multiple(training_precision(config.train))
+        ),
         compute_metrics=_compute_metrics(names),
         task_type="SEQ_CLS",
         files={LABELS_FILE: json.dumps(names)},
