@@ -63,10 +63,10 @@ import copy
 import dataclasses
 import gc
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -94,10 +94,11 @@ from tasks.classification.data import build_splits, check_labels, tokenize  # no
 from tasks.classification.modeling import first_token_last_layer, load_classifier  # noqa: E402
 from tasks.common.config import PipelineConfig, load_config  # noqa: E402
 from tasks.common.hardware import flops_per_token, fmt_flops, peak_flops  # noqa: E402
-from tasks.common.models import lora_config, resolve_model_path  # noqa: E402
+from tasks.common.models import lora_config, resolve_model_path, with_lora  # noqa: E402
 from tasks.common.training import (  # noqa: E402
     MIXED_PRECISION,
     MODEL_INPUTS,
+    pad_multiple,
     pick_precision,
     training_arguments,
 )
@@ -319,8 +320,8 @@ def time_merges(ours, theirs, reps: int, check_batch: dict) -> dict:
 class CountingCollator:
     """DataCollatorWithPadding that counts real (attention_mask) and padded tokens it hands out."""
 
-    def __init__(self, tokenizer) -> None:
-        self.inner = DataCollatorWithPadding(tokenizer)
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None) -> None:
+        self.inner = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
         self.real = 0
         self.padded = 0
 
@@ -332,70 +333,30 @@ class CountingCollator:
         return batch
 
 
-class Lockstep:
-    """Lets several Trainer.train() calls, one thread each, take turns one optimizer step at a
-    time in the order A B C C B A A B C ..., and clocks each one's turns (so every arm sees the
-    same machine, whatever else runs on it)."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.pattern = [*names, *reversed(names)]
-        self.pos = 0
-        self.active = list(names)
-        self.holder: str | None = None
-        self.since = 0.0
-        self.elapsed = dict.fromkeys(names, 0.0)
-        self.cond = threading.Condition()
-
-    def _turn(self) -> str | None:
-        if not self.active:
-            return None
-        while self.pattern[self.pos % len(self.pattern)] not in self.active:
-            self.pos += 1
-        return self.pattern[self.pos % len(self.pattern)]
-
-    def acquire(self, name: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self._turn() == name)
-            self.holder, self.since = name, time.perf_counter()
-
-    def release(self, name: str, done: bool = False) -> None:
-        with self.cond:
-            if self.holder == name:
-                self.elapsed[name] += time.perf_counter() - self.since
-                self.holder = None
-                self.pos += 1
-            if done and name in self.active:
-                self.active.remove(name)
-            self.cond.notify_all()
-
-
 class TakeTurns(TrainerCallback):
-    """One arm's turns in the lockstep, with torch's RNG as if the arm trained alone: the
-    arms run in threads of one process and share the global generator, which the samplers
-    (batch order) and dropout draw from. Each arm's turn starts from where its own last turn
-    left the generator (until 2026-12-07 two arms with the same settings drew different
-    batch orders: 0.834 and 0.881 test accuracy, both fp32)."""
+    """One arm's side of the lockstep: before each of its turns (the first step, then every
+    step after the last one it reported) it waits for the coordinator's "go"; after each step
+    it reports the turn's seconds. The arm runs in its own process's main thread."""
 
-    def __init__(self, lock: Lockstep, name: str, rng_state: torch.Tensor) -> None:
-        self.lock, self.name, self.rng_state = lock, name, rng_state
+    def __init__(self, conn) -> None:
+        self.conn, self.since = conn, 0.0
 
     def _take(self) -> None:
-        self.lock.acquire(self.name)
-        torch.set_rng_state(self.rng_state)
+        self.conn.recv()  # "go"
+        self.since = time.perf_counter()
 
-    def _give(self, done: bool = False) -> None:
-        self.rng_state = torch.get_rng_state()
-        self.lock.release(self.name, done=done)
+    def _give(self, kind: str) -> None:
+        self.conn.send((kind, time.perf_counter() - self.since))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._take()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._give()
+        self._give("turn")
         self._take()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._give(done=True)
+        self._give("end")
 
 
 def make_trainer(
@@ -439,7 +400,7 @@ def make_trainer(
         )
         args = plain_args
     else:
-        inject_lora(model, lora_config(config.lora))
+        with_lora(model, config.lora)  # the stage's builder: LoRA and lora_core's dropout
         args = (
             dataclasses.replace(plain_args, label_names=["labels"])
             if arm == "lora_core_plain"
@@ -453,7 +414,8 @@ def make_trainer(
     os.environ["ACCELERATE_MIXED_PRECISION"] = MIXED_PRECISION.get(
         "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", "no"
     )
-    collator = CountingCollator(tokenizer)
+    # our stage's collator pads half-precision batches to a multiple of 8 (kernels per shape)
+    collator = CountingCollator(tokenizer, pad_multiple(precision) if args is ours_args else None)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     trainer.remove_callback(PrinterCallback)
     with trainer.accelerator.autocast():  # what the arm will really train under
@@ -482,6 +444,33 @@ def test_accuracy(model, test_split, tokenizer) -> float:
     return right / len(rows)
 
 
+def train_arm(arm, config, dataset, tokenizer, label_names, max_steps, test_split, threads, conn):
+    """One arm in its own process (spawned): set up, say "ready", train in the turns the
+    coordinator gives, then (outside the timed turns, while the others wait) score the test
+    split and send the figures."""
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, collator = make_trainer(
+            arm, config, dataset, tokenizer, label_names, Path(tmp), max_steps
+        )
+        trainer.add_callback(TakeTurns(conn))
+        conn.send(("ready", 0.0))
+        out = trainer.train()
+        figures = {
+            "steps": out.global_step,
+            "loss": out.training_loss,
+            "real_tokens": collator.real,
+            "padded_tokens": collator.padded,
+            "group_by_length": trainer.args.group_by_length,
+            "precision": "bf16" if trainer.args.bf16 else "fp32",  # checked in make_trainer
+        }
+        if test_split is not None:
+            figures["test_accuracy"] = test_accuracy(trainer.model, test_split, tokenizer)
+        conn.send(("figures", figures))
+
+
 def train_lockstep(
     arms: list[str],
     config: PipelineConfig,
@@ -490,55 +479,62 @@ def train_lockstep(
     label_names,
     max_steps: int | None,
     test_split=None,
+    threads: int = 2,
 ) -> dict:
-    """Train every arm once, the arms taking turns step by step; tokens and seconds per arm,
-    and (given a test split) each trained model's test accuracy."""
-    lock = Lockstep(arms)
-    results: dict[str, dict] = {}
-    errors: list[BaseException] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        setups, rng_states = {}, {}
-        for arm in arms:  # each arm's generator as its Trainer left it (seeded)
-            setups[arm] = make_trainer(
-                arm, config, dataset, tokenizer, label_names, Path(tmp), max_steps
-            )
-            rng_states[arm] = torch.get_rng_state()
+    """Train every arm once, each in its own process, the arms taking turns one optimizer step
+    at a time in the order A B C C B A A B C ... (so all see the same machine load), each
+    arm's time the sum of its turns; tokens, seconds and (given a test split) test accuracy
+    per arm.
 
-        def run(arm: str) -> None:
-            trainer, collator = setups[arm]
-            trainer.add_callback(TakeTurns(lock, arm, rng_states[arm]))
-            try:
-                out = trainer.train()
-                results[arm] = {"steps": out.global_step, "loss": out.training_loss}
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(exc)
-            finally:
-                lock.release(arm, done=True)
-
-        gc.collect()
-        threads = [threading.Thread(target=run, args=(arm,), name=f"train-{arm}") for arm in arms]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
+    Processes, not threads of this one: torch's OpenMP parallel regions started from a
+    thread other than the main one pay about 50 us each here (an element-wise add of 16 x 28
+    x 384 floats: 10.5 us on the main thread, 70 on another), which slowed every arm by a
+    third to two thirds until 2026-12-07 (our stage 20.0 s in a thread, 11.9 s on the main
+    thread; PEFT's 28.0 and 21.4). The pipeline trains on the main thread (Prefect runs a
+    flow's tasks there), so the benchmark does too."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = {}, []
     for arm in arms:
-        collator = setups[arm][1]
-        wall = lock.elapsed[arm]
-        results[arm] |= {
-            "wall_s": wall,
-            "real_tokens": collator.real,
-            "padded_tokens": collator.padded,
-            "tokens_per_s": collator.real / wall,
-            "pad_share": 1 - collator.real / collator.padded,
-            "group_by_length": setups[arm][0].args.group_by_length,
-            "precision": "bf16" if setups[arm][0].args.bf16 else "fp32",  # checked in make_trainer
-        }
-        if test_split is not None:
-            results[arm]["test_accuracy"] = test_accuracy(
-                setups[arm][0].model, test_split, tokenizer
-            )
+        ours, theirs = ctx.Pipe()
+        args = (arm, config, dataset, tokenizer, label_names, max_steps, test_split, threads)
+        proc = ctx.Process(target=train_arm, args=(*args, theirs), name=f"train-{arm}")
+        proc.start()
+        procs.append(proc)
+        pipes[arm] = ours
+
+    def receive(arm: str):
+        if not pipes[arm].poll(3600):
+            raise SystemExit(f"arm {arm}: no word for an hour")
+        try:
+            return pipes[arm].recv()
+        except EOFError:
+            code = procs[arms.index(arm)].exitcode
+            raise SystemExit(f"arm {arm}: its process died (exit code {code})") from None
+
+    try:
+        for arm in arms:
+            receive(arm)  # "ready": set-up done, not timed
+        results = {arm: {"wall_s": 0.0} for arm in arms}
+        pattern, active, pos = [*arms, *reversed(arms)], list(arms), 0
+        while active:
+            arm = pattern[pos % len(pattern)]
+            pos += 1
+            if arm not in active:
+                continue
+            pipes[arm].send("go")
+            kind, seconds = receive(arm)
+            results[arm]["wall_s"] += seconds
+            if kind == "end":
+                results[arm] |= receive(arm)[1]  # its test accuracy, while the others wait
+                active.remove(arm)
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    for figures in results.values():
+        figures["tokens_per_s"] = figures["real_tokens"] / figures["wall_s"]
+        figures["pad_share"] = 1 - figures["real_tokens"] / figures["padded_tokens"]
     return results
 
 
@@ -688,6 +684,7 @@ def main(argv: list[str] | None = None) -> dict:
         label_names,
         train_max_steps,
         None if opts.quick else dataset["test"],
+        opts.threads,
     )
     res["foreign_cpu"]["train"] = meter.foreign_share()
     res["foreign_cpu"]["whole"] = whole.foreign_share()
