@@ -550,7 +550,7 @@ def print_physical_limit(model, train: dict, train_ds) -> None:
     peak = peak_flops()
     print(
         f"  physical limit: {per_token / 1e6:.1f} MFLOP per trained token (mean length "
-        f"{mean_len:.0f}); {peak.cores} cores at {peak.clock_ghz} GHz, dense peak fp32 "
+        f"{mean_len:.0f}); {peak.cores} cores at {peak.clock_text}, dense peak fp32 "
         f"{fmt_flops(peak.fp32)}, bf16 {fmt_flops(peak.bf16)}"
     )
     for arm, t in train.items():

@@ -212,7 +212,7 @@ def print_physical_limit(model, tokenizer, texts, timings, engines, config) -> N
     peak = peak_flops()
     print(
         f"\nphysical limit: {per_token / 1e6:.1f} MFLOP per token (forward, mean length "
-        f"{mean_len:.0f}); this CPU: {peak.cores} cores at {peak.clock_ghz} GHz, dense peak "
+        f"{mean_len:.0f}); this CPU: {peak.cores} cores at {peak.clock_text}, dense peak "
         f"fp32 {fmt_flops(peak.fp32)}, bf16 {fmt_flops(peak.bf16)}, int8 {fmt_flops(peak.int8)}"
     )
     for engine in engines:

@@ -64,6 +64,9 @@ def test_peak_flops_from_clock_cores_and_instructions(monkeypatch):
     assert avx512.share(1e9, "bf16") is None
     unknown = peak_flops(cpuinfo="")
     assert unknown.fp32 is None and unknown.share(1e9, "fp32") is None
+    assert unknown.clock_text == "an unknown clock"
+    odd = peak_flops(cpuinfo=SAPPHIRE_RAPIDS.replace("2600.000", "2599.998"))
+    assert odd.clock_text == "2.60 GHz"  # not 2.5999980000000003
     # AMD Zen 4 runs AVX-512 as two 256-bit halves: half the AVX-512 rates (this project's CI
     # machine is one); Intel's and other families' figures are the table's
     zen4 = peak_flops(cpuinfo=ZEN4)

@@ -81,6 +81,11 @@ class PeakFlops:
     bf16: float | None
     int8: float | None = None
 
+    @property
+    def clock_text(self) -> str:
+        """The clock for a report ("2.60 GHz"; /proc/cpuinfo gives it as 2599.998 MHz)."""
+        return "an unknown clock" if self.clock_ghz is None else f"{self.clock_ghz:.2f} GHz"
+
     def share(self, flops_per_second: float, precision: str) -> float | None:
         """The share of the peak (fp32, bf16 or int8) that a measured (FL)OP/s reaches."""
         peak = {"bf16": self.bf16, "int8": self.int8}.get(precision, self.fp32)
