@@ -94,7 +94,12 @@ from tasks.classification.data import build_splits, check_labels, tokenize  # no
 from tasks.classification.modeling import first_token_last_layer, load_classifier  # noqa: E402
 from tasks.common.config import PipelineConfig, load_config  # noqa: E402
 from tasks.common.hardware import flops_per_token, fmt_flops, peak_flops  # noqa: E402
-from tasks.common.models import lora_config, resolve_model_path, with_lora  # noqa: E402
+from tasks.common.models import (  # noqa: E402
+    lora_config,
+    resolve_model_path,
+    training_attention,
+    with_lora,
+)
 from tasks.common.training import (  # noqa: E402
     MIXED_PRECISION,
     MODEL_INPUTS,
@@ -372,7 +377,9 @@ def make_trainer(
     lora_core with the peft arm's Trainer settings."""
     set_seed(config.train.seed)
     torch.manual_seed(0)  # the new head's init, as tasks.classification.modeling.build_lora_model
-    model = load_classifier(resolve_model_path(config.model.name_or_path), label_names)
+    stage_arm = arm in ("lora_core", "lora_core_fp32")  # our train stage's set-up
+    options = training_attention(config.model, "cpu") if stage_arm else {}
+    model = load_classifier(resolve_model_path(config.model.name_or_path), label_names, **options)
     precision = "fp32" if arm == "lora_core_fp32" else pick_precision(config.train, "cpu")
     ours_args = training_arguments(config, out_dir / arm, "cpu", precision)
     # no eval set here, and no checkpoint writes inside the timed steps

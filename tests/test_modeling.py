@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
+import torch
 from transformers import TrainingArguments
 
+from lora_core.dropout import Dropout
 from tasks.classification.modeling import build_lora_model, load_adapted_model
 from tasks.common.config import LoraSection, ModelConfig, TrainConfig
 from tasks.common.errors import ModelError, TrainingError
-from tasks.common.models import resolve_model_path
+from tasks.common.models import resolve_model_path, training_attention
 from tasks.common.training import GuardedTrainer, pick_device, pick_precision
 
 
@@ -175,3 +178,37 @@ def test_the_last_layer_trains_on_the_pooled_token_with_the_same_logits_and_grad
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
     assert not first_token_last_layer(torch.nn.Linear(2, 2))  # another shape: left alone
+
+
+def test_cpu_training_drops_attention_through_the_cheap_mask(tmp_path, tiny_bert):
+    """On a CPU a model with attention dropout trains with eager attention, whose nn.Dropout
+    lora_core's cheaper mask replaces (sdpa would draw torch's); the maths are the same."""
+    model_cfg = ModelConfig(name_or_path=str(tiny_bert))
+    assert training_attention(model_cfg, "cpu") == {"attn_implementation": "eager"}
+    assert training_attention(model_cfg, "cuda") == {}  # fused kernels drop there
+    calm = tmp_path / "calm"
+    shutil.copytree(tiny_bert, calm)
+    config = json.loads((calm / "config.json").read_text())
+    config["attention_probs_dropout_prob"] = 0.0
+    (calm / "config.json").write_text(json.dumps(config))
+    assert training_attention(ModelConfig(name_or_path=str(calm)), "cpu") == {}
+
+    eager, _ = build_lora_model(model_cfg, LoraSection(r=2), ["a", "b"], device="cpu")
+    default, _ = build_lora_model(model_cfg, LoraSection(r=2), ["a", "b"], device="cuda")
+    assert eager.config._attn_implementation == "eager"
+    assert default.config._attn_implementation == "sdpa"
+    attention = eager.bert.encoder.layer[0].attention.self
+    assert isinstance(attention.dropout, Dropout)
+    ids = torch.tensor([[1, 5, 7, 9, 2], [1, 4, 2, 0, 0]])
+    mask = (ids != 0).long()
+    eager.eval(), default.eval()
+    torch.testing.assert_close(
+        eager(input_ids=ids, attention_mask=mask).logits,
+        default(input_ids=ids, attention_mask=mask).logits,
+    )
+    eager.train()
+    torch.manual_seed(0)
+    calls = []
+    attention.dropout.register_forward_hook(lambda *_: calls.append(1))
+    eager(input_ids=ids, attention_mask=mask)
+    assert calls  # attention probabilities went through the swapped module

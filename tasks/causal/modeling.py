@@ -17,6 +17,7 @@ from tasks.common.models import (
     check_max_length,
     is_decoder,
     resolve_model_path,
+    training_attention,
     with_adapter,
     with_lora,
 )
@@ -40,11 +41,18 @@ def check_base_model(model_cfg: ModelConfig, max_length: int) -> None:
     check_max_length(model_cfg, max_length, model_config)
 
 
-def load_causal_lm(source: str, trust_remote_code: bool = False, dtype=torch.float32):
-    """A causal LM from a folder or hub id, safetensors only, in `dtype` (fp32: master weights)."""
+def load_causal_lm(
+    source: str, trust_remote_code: bool = False, dtype=torch.float32, **options: str
+):
+    """A causal LM from a folder or hub id, safetensors only, in `dtype` (fp32: master
+    weights); `options`: more from_pretrained arguments (training_attention's)."""
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            source,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            **options,
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelError(
@@ -53,13 +61,18 @@ def load_causal_lm(source: str, trust_remote_code: bool = False, dtype=torch.flo
         ) from exc
 
 
-def build_causal_lora_model(model_cfg: ModelConfig, lora: LoraSection):
-    """Base decoder with LoRA injected, ready to train; returns (model, InjectionReport).
+def build_causal_lora_model(model_cfg: ModelConfig, lora: LoraSection, device: str = "cpu"):
+    """Base decoder with LoRA injected, ready to train on `device`; returns (model,
+    InjectionReport).
 
     The KV cache is off for training: with it on, transformers ignores the restarting
     position ids of packed rows and lets tokens attend across examples.
     """
-    model = load_causal_lm(resolve_model_path(model_cfg.name_or_path), model_cfg.trust_remote_code)
+    model = load_causal_lm(
+        resolve_model_path(model_cfg.name_or_path),
+        model_cfg.trust_remote_code,
+        **training_attention(model_cfg, device),
+    )
     model.config.use_cache = False
     return with_lora(model, lora)
 

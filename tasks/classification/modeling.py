@@ -25,6 +25,7 @@ from tasks.common.models import (
     check_max_length,
     is_decoder,
     resolve_model_path,
+    training_attention,
     with_adapter,
     with_lora,
 )
@@ -49,10 +50,13 @@ def check_base_model(model_cfg: ModelConfig, max_length: int) -> None:
     check_max_length(model_cfg, max_length, model_config)
 
 
-def load_classifier(source: str, label_names: Sequence[str], trust_remote_code: bool = False):
+def load_classifier(
+    source: str, label_names: Sequence[str], trust_remote_code: bool = False, **options: str
+):
     """A sequence classifier with one output per label (new head if the source has none:
     transformers' notice that only the head is "newly initialized" is what we ask for, so it
-    is not shown; other new weights still are)."""
+    is not shown; other new weights still are). `options`: more from_pretrained arguments
+    (training_attention's)."""
     try:
         with expected("transformers.modeling_utils", NEW_HEAD_ONLY):
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -63,6 +67,7 @@ def load_classifier(source: str, label_names: Sequence[str], trust_remote_code: 
                 use_safetensors=True,
                 trust_remote_code=trust_remote_code,
                 ignore_mismatched_sizes=False,
+                **options,
             )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelError(
@@ -72,11 +77,17 @@ def load_classifier(source: str, label_names: Sequence[str], trust_remote_code: 
     return model
 
 
-def build_lora_model(model_cfg: ModelConfig, lora: LoraSection, label_names: Sequence[str]):
-    """Base classifier with LoRA injected; returns (model, InjectionReport)."""
+def build_lora_model(
+    model_cfg: ModelConfig, lora: LoraSection, label_names: Sequence[str], device: str = "cpu"
+):
+    """Base classifier with LoRA injected, to train on `device`; returns (model,
+    InjectionReport)."""
     torch.manual_seed(0)  # the new head's init is reproducible
     model = load_classifier(
-        resolve_model_path(model_cfg.name_or_path), label_names, model_cfg.trust_remote_code
+        resolve_model_path(model_cfg.name_or_path),
+        label_names,
+        model_cfg.trust_remote_code,
+        **training_attention(model_cfg, device),
     )
     return with_lora(model, lora)
 

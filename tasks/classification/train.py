@@ -13,7 +13,7 @@ from tasks.classification.metrics import classification_metrics
 from tasks.classification.modeling import build_lora_model, first_token_last_layer
 from tasks.common.config import PipelineConfig
 from tasks.common.models import load_tokenizer
-from tasks.common.training import TrainingSetup, pad_multiple, training_precision
+from tasks.common.training import TrainingSetup, pad_multiple, pick_device, training_precision
 
 
 def _compute_metrics(names):
@@ -28,7 +28,7 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
     """LoRA and the head for the class names prepare_data saved in data_dir."""
     names = json.loads((data_dir / LABELS_FILE).read_text())
     tokenizer = load_tokenizer(config.model)
-    model, report = build_lora_model(config.model, config.lora, names)
+    model, report = build_lora_model(config.model, config.lora, names, pick_device(config.train))
     first_token_last_layer(model)  # the same gradients, fewer rows in the last layer
     return TrainingSetup(
         model=model,
