@@ -377,10 +377,10 @@ def make_trainer(
     lora_core with the peft arm's Trainer settings."""
     set_seed(config.train.seed)
     torch.manual_seed(0)  # the new head's init, as tasks.classification.modeling.build_lora_model
-    stage_arm = arm in ("lora_core", "lora_core_fp32")  # our train stage's set-up
-    options = training_attention(config.model, "cpu") if stage_arm else {}
-    model = load_classifier(resolve_model_path(config.model.name_or_path), label_names, **options)
     precision = "fp32" if arm == "lora_core_fp32" else pick_precision(config.train, "cpu")
+    stage_arm = arm in ("lora_core", "lora_core_fp32")  # our train stage's set-up
+    options = training_attention(config.model, "cpu", precision) if stage_arm else {}
+    model = load_classifier(resolve_model_path(config.model.name_or_path), label_names, **options)
     ours_args = training_arguments(config, out_dir / arm, "cpu", precision)
     # no eval set here, and no checkpoint writes inside the timed steps
     ours_args = dataclasses.replace(ours_args, eval_strategy="no", save_strategy="no")

@@ -184,16 +184,17 @@ def test_cpu_training_drops_attention_through_the_cheap_mask(tmp_path, tiny_bert
     """On a CPU a model with attention dropout trains with eager attention, whose nn.Dropout
     lora_core's cheaper mask replaces (sdpa would draw torch's); the maths are the same."""
     model_cfg = ModelConfig(name_or_path=str(tiny_bert))
-    assert training_attention(model_cfg, "cpu") == {"attn_implementation": "eager"}
-    assert training_attention(model_cfg, "cuda") == {}  # fused kernels drop there
+    assert training_attention(model_cfg, "cpu", "fp32") == {"attn_implementation": "eager"}
+    assert training_attention(model_cfg, "cuda", "fp32") == {}  # fused kernels drop there
+    assert training_attention(model_cfg, "cpu", "bf16") == {}  # eager lost accuracy there
     calm = tmp_path / "calm"
     shutil.copytree(tiny_bert, calm)
     config = json.loads((calm / "config.json").read_text())
     config["attention_probs_dropout_prob"] = 0.0
     (calm / "config.json").write_text(json.dumps(config))
-    assert training_attention(ModelConfig(name_or_path=str(calm)), "cpu") == {}
+    assert training_attention(ModelConfig(name_or_path=str(calm)), "cpu", "fp32") == {}
 
-    eager, _ = build_lora_model(model_cfg, LoraSection(r=2), ["a", "b"], device="cpu")
+    eager, _ = build_lora_model(model_cfg, LoraSection(r=2), ["a", "b"], "cpu", "fp32")
     default, _ = build_lora_model(model_cfg, LoraSection(r=2), ["a", "b"], device="cuda")
     assert eager.config._attn_implementation == "eager"
     assert default.config._attn_implementation == "sdpa"

@@ -61,9 +61,11 @@ def load_causal_lm(
         ) from exc
 
 
-def build_causal_lora_model(model_cfg: ModelConfig, lora: LoraSection, device: str = "cpu"):
-    """Base decoder with LoRA injected, ready to train on `device`; returns (model,
-    InjectionReport).
+def build_causal_lora_model(
+    model_cfg: ModelConfig, lora: LoraSection, device: str = "cpu", precision: str = "fp32"
+):
+    """Base decoder with LoRA injected, ready to train on `device` in `precision`; returns
+    (model, InjectionReport).
 
     The KV cache is off for training: with it on, transformers ignores the restarting
     position ids of packed rows and lets tokens attend across examples.
@@ -71,7 +73,7 @@ def build_causal_lora_model(model_cfg: ModelConfig, lora: LoraSection, device: s
     model = load_causal_lm(
         resolve_model_path(model_cfg.name_or_path),
         model_cfg.trust_remote_code,
-        **training_attention(model_cfg, device),
+        **training_attention(model_cfg, device, precision),
     )
     model.config.use_cache = False
     return with_lora(model, lora)

@@ -40,12 +40,13 @@ def causal_collator(tokenizer, pad_to_multiple_of: int | None = None):
 def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
     """LoRA on the decoder, with the tokenizer (and chat template) prepare_data saved."""
     tokenizer = AutoTokenizer.from_pretrained(str(data_dir / TOKENIZER_DIR))
-    model, report = build_causal_lora_model(config.model, config.lora, pick_device(config.train))
+    device, precision = pick_device(config.train), training_precision(config.train)
+    model, report = build_causal_lora_model(config.model, config.lora, device, precision)
     return TrainingSetup(
         model=model,
         report=report,
         tokenizer=tokenizer,
-        collator=causal_collator(tokenizer, pad_multiple(training_precision(config.train))),
+        collator=causal_collator(tokenizer, pad_multiple(precision)),
         compute_metrics=None,
         task_type="CAUSAL_LM",
     )

@@ -78,16 +78,20 @@ def load_classifier(
 
 
 def build_lora_model(
-    model_cfg: ModelConfig, lora: LoraSection, label_names: Sequence[str], device: str = "cpu"
+    model_cfg: ModelConfig,
+    lora: LoraSection,
+    label_names: Sequence[str],
+    device: str = "cpu",
+    precision: str = "fp32",
 ):
-    """Base classifier with LoRA injected, to train on `device`; returns (model,
-    InjectionReport)."""
+    """Base classifier with LoRA injected, to train on `device` in `precision`; returns
+    (model, InjectionReport)."""
     torch.manual_seed(0)  # the new head's init is reproducible
     model = load_classifier(
         resolve_model_path(model_cfg.name_or_path),
         label_names,
         model_cfg.trust_remote_code,
-        **training_attention(model_cfg, device),
+        **training_attention(model_cfg, device, precision),
     )
     return with_lora(model, lora)
 

@@ -28,15 +28,14 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
     """LoRA and the head for the class names prepare_data saved in data_dir."""
     names = json.loads((data_dir / LABELS_FILE).read_text())
     tokenizer = load_tokenizer(config.model)
-    model, report = build_lora_model(config.model, config.lora, names, pick_device(config.train))
+    device, precision = pick_device(config.train), training_precision(config.train)
+    model, report = build_lora_model(config.model, config.lora, names, device, precision)
     first_token_last_layer(model)  # the same gradients, fewer rows in the last layer
     return TrainingSetup(
         model=model,
         report=report,
         tokenizer=tokenizer,
-        collator=DataCollatorWithPadding(
-            tokenizer, pad_to_multiple_of=pad_multiple(training_precision(config.train))
-        ),
+        collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple(precision)),
         compute_metrics=_compute_metrics(names),
         task_type="SEQ_CLS",
         files={LABELS_FILE: json.dumps(names)},
