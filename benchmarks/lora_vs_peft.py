@@ -33,8 +33,10 @@ What is measured
    Figure: median of the per-repetition ratios (the two timed back to back, order alternating).
 4. Training stage (`train_tokens_per_second_ratio`): real (non-pad, attention_mask == 1) tokens
    fed to the model / time spent training (from the first step to the end of the last) for
-     A. our train stage: lora_core + Trainer with tasks.common.training.training_arguments (so
-        group_by_length=True) + DataCollatorWithPadding, evaluation switched off;
+     A. our train stage: the model built as the stage builds it (training_attention, with_lora:
+        LoRA and lora_core's dropout, the last layer on the pooled token) + Trainer with
+        tasks.common.training.training_arguments (so group_by_length=True) +
+        DataCollatorWithPadding (bf16: padded to a multiple of 8), evaluation switched off;
      B. plain PEFT + Trainer with default settings (random order, group_by_length=False,
         DataCollatorWithPadding), same epochs/steps, batch size, learning rate, warm-up, weight
         decay, seed and logging interval;
@@ -46,9 +48,10 @@ What is measured
    arm, and A's minus B's in points (goal: within 0.5). Each arm's tokens/s is also shown as
    FLOP/s (tasks.common.hardware.flops_per_token, LoRA training) and as a share of this CPU's
    dense fp32 / bf16 peak.
-   The arms' Trainer.train() calls run in threads that take turns one optimizer step at a time
-   (A B C C B A ...), each arm's time being the sum of its turns, so all arms see the same
-   machine load. Quick run: arms A and B, 10 steps each; full run: the config's epochs.
+   Each arm's Trainer.train() runs on the main thread of its own spawned process, the arms
+   taking turns one optimizer step at a time (A B C C B A ...), each arm's time being the sum
+   of its turns, so all arms see the same machine load. Quick run: arms A and B, 10 steps
+   each; full run: the config's epochs.
 
 The run also reports the share of CPU time other processes used meanwhile (from /proc/stat) and
 warns above 10%: the timing ratios only mean something on an otherwise idle machine.
