@@ -49,6 +49,7 @@ PREFECT = [sys.executable, "-m", "prefect"]
 MLFLOW = [sys.executable, "-m", "mlflow"]
 DB_USER = "lora"
 DB_PASSWORD = "test-only-password"  # a throwaway cluster on loopback, deleted afterwards
+DOCKER_STOP_GRACE_S = 10  # docker stop: SIGTERM, then SIGKILL after this grace (compose default)
 MODEL_NAME = "tiny-classifier"
 WORKERS = ("cpu", "gpu0", "gpu1")  # two gpu nodes, one training run at a time each
 TWO_NODES = [  # training on both gpu nodes, one rank each, meeting on 127.0.0.1
@@ -829,14 +830,20 @@ def test_cancelling_the_retrain_run_ends_every_rank(stack, mlflow_run, make_tiny
 
 
 def test_stopping_a_gpu_worker_ends_every_rank(stack, mlflow_run, make_tiny_config):
-    """SIGTERM to one gpu worker (as `docker stop` sends its main process) while both nodes
-    train: its flow run may outlive it, its rank does not, and the other node's rank fails
-    with it. Last in this module: the stack has one gpu worker less afterwards."""
+    """`docker stop` of one gpu worker while both nodes train: SIGTERM to its main process,
+    SIGKILL after the 10 s grace if it still runs (Prefect's worker turns SIGTERM into SIGINT,
+    a graceful stop that may wait for its flow run; once in CI it was still there after 180
+    s). Its flow run may outlive it, its rank does not, and the other node's rank fails with
+    it. Last in this module: the stack has one gpu worker less afterwards."""
     del mlflow_run
     flow_run_id = _start_a_long_two_node_run(stack, make_tiny_config, "stop-worker")
     [worker] = [p for name, p, _ in stack["procs"].started if name == "worker-gpu0"]
     before = _training_processes()
     worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=DOCKER_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        worker.kill()
     gone = wait_until(lambda: _rank_processes() == [], 180)
     assert gone, f"before:\n{before}\nleft after the worker stopped:\n{_training_processes()}"
     assert wait_until(lambda: _flow_run(stack, flow_run_id)["state"]["type"] != "RUNNING", 300)
