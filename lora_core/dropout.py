@@ -18,6 +18,8 @@ Like F.dropout, the mask is kept as one byte per element for backward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,9 +44,7 @@ class _KeepAndScale(torch.autograd.Function):
 def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """A bool tensor of `shape`, each element True with probability 1 - p (p rounded to
     1/65536), drawn from torch's default generator of `device`."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     lanes = words.view(torch.int16)[:n].view(shape)
     return lanes >= round(p * LANES) + _LANE_MIN

@@ -16,7 +16,7 @@ from tasks.causal.data import TOKENIZER_DIR
 from tasks.causal.formatting import IGNORE_INDEX
 from tasks.causal.modeling import build_causal_lora_model
 from tasks.common.config import PipelineConfig
-from tasks.common.training import TrainingSetup, pad_multiple, pick_device, training_precision
+from tasks.common.training import TrainingSetup, pad_multiple, pick_device, pick_precision
 
 
 def causal_collator(tokenizer, pad_to_multiple_of: int | None = None):
@@ -40,7 +40,8 @@ def causal_collator(tokenizer, pad_to_multiple_of: int | None = None):
 def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
     """LoRA on the decoder, with the tokenizer (and chat template) prepare_data saved."""
     tokenizer = AutoTokenizer.from_pretrained(str(data_dir / TOKENIZER_DIR))
-    device, precision = pick_device(config.train), training_precision(config.train)
+    device = pick_device(config.train)
+    precision = pick_precision(config.train, device)
     model, report = build_causal_lora_model(config.model, config.lora, device, precision)
     return TrainingSetup(
         model=model,

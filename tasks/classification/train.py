@@ -13,7 +13,7 @@ from tasks.classification.metrics import classification_metrics
 from tasks.classification.modeling import build_lora_model, first_token_last_layer
 from tasks.common.config import PipelineConfig
 from tasks.common.models import load_tokenizer
-from tasks.common.training import TrainingSetup, pad_multiple, pick_device, training_precision
+from tasks.common.training import TrainingSetup, pad_multiple, pick_device, pick_precision
 
 
 def _compute_metrics(names):
@@ -28,7 +28,8 @@ def training_setup(config: PipelineConfig, data_dir: Path) -> TrainingSetup:
     """LoRA and the head for the class names prepare_data saved in data_dir."""
     names = json.loads((data_dir / LABELS_FILE).read_text())
     tokenizer = load_tokenizer(config.model)
-    device, precision = pick_device(config.train), training_precision(config.train)
+    device = pick_device(config.train)
+    precision = pick_precision(config.train, device)
     model, report = build_lora_model(config.model, config.lora, names, device, precision)
     first_token_last_layer(model)  # the same gradients, fewer rows in the last layer
     return TrainingSetup(

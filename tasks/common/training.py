@@ -106,11 +106,6 @@ def pad_multiple(precision: str) -> int | None:
     return HALF_PAD_MULTIPLE if precision in ("bf16", "fp16") else None
 
 
-def training_precision(train: TrainConfig) -> str:
-    """The precision this process trains in (train.precision, auto resolved)."""
-    return pick_precision(train, pick_device(train))
-
-
 # The Trainer's closing summary and per-evaluation timings repeat what _log_training records
 # once (train/final_loss, train/runtime_seconds, ...): not logged as curves.
 SUMMARY_LOGS = ("epoch", "train_loss", "train_runtime", "total_flos", "eval_runtime")
