@@ -1,4 +1,5 @@
-"""Fused fp32 graphs and sensitivity-guided mixed precision, on the tiny BERT's pipeline run."""
+"""Fused fp32 graphs, sensitivity-guided mixed precision and SmoothQuant, on the tiny BERT's
+pipeline run."""
 
 from __future__ import annotations
 
@@ -36,7 +37,18 @@ from tasks.common.onnx import (
     session_options,
     weighted_nodes,
 )
-from tasks.common.quantization import build_variants, choice_json, fp32_nodes_tag
+from tasks.common.quantization import (
+    build_variants,
+    choice_json,
+    fp32_nodes_tag,
+    smoothed_nodes_tag,
+)
+from tasks.common.smoothing import (
+    activation_maxima,
+    smooth_graph,
+    smoothable,
+    smoothing_scales,
+)
 
 FRAGILE = "/bert/encoder/layer.1/attention/output/dense/MatMul"
 
@@ -92,11 +104,12 @@ def make_fragile(src, dst) -> None:
     onnx.save(model, str(dst / ONNX_FILE))
 
 
-def test_the_fragile_matmul_is_kept_in_fp32_and_the_mix_passes(run, tmp_path):
+def fragile_search(run, tmp_path, **quantize):
+    """The fragile graph (in tmp_path/fp32), a config trying dynamic_per_channel only (plus the
+    quantize settings given) and the test split's scorer."""
+    update = {"variants": ["dynamic_per_channel"], **quantize}
     config = run.config.model_copy(
-        update={
-            "quantize": run.config.quantize.model_copy(update={"variants": ["dynamic_per_channel"]})
-        }
+        update={"quantize": run.config.quantize.model_copy(update=update)}
     )
     fp32_dir = tmp_path / "fp32"
     make_fragile(run.fetch(run.onnx.model), fp32_dir)
@@ -106,6 +119,11 @@ def test_the_fragile_matmul_is_kept_in_fp32_and_the_mix_passes(run, tmp_path):
         load_split(run.stage, run.data, "test"),
         probe_texts(run.stage, run.data, config.quantize.sensitivity_probe_samples),
     )
+    return config, fp32_dir, scorer
+
+
+def test_the_fragile_matmul_is_kept_in_fp32_and_the_mix_passes(run, tmp_path):
+    config, fp32_dir, scorer = fragile_search(run, tmp_path)
     fp32_logits = scorer.probe(run.fetch(run.onnx.model))
     assert kl_divergence(fp32_logits, scorer.probe(fp32_dir)) < 1e-8  # same function in fp32
 
@@ -227,3 +245,106 @@ def test_skip_layer_norm_is_fused_only_for_cuda(run, tmp_path):
     plain.optimized_model_filepath = str(tmp_path / "default.onnx")
     ort.InferenceSession(str(tmp_path / "cpu" / ONNX_FILE), plain, providers=[CPU])
     assert graph_op_types(tmp_path / "default.onnx").get("SkipLayerNormalization", 0) > 0
+
+
+def calibration_rows(run, count: int = 48):
+    train = load_split(run.stage, run.data, "train")
+    columns = [
+        c for c in ("input_ids", "attention_mask", "token_type_ids") if c in train.column_names
+    ]
+    return train.select(range(count)).select_columns(columns)
+
+
+def test_smoothing_keeps_the_fp32_function(run, tmp_path):
+    fp32_dir = run.fetch(run.onnx.model)
+    model_file = fp32_dir / ONNX_FILE
+    nodes = smoothable(
+        model_file, [name for name, _ in weighted_nodes(model_file, ["MatMul", "Attention"])]
+    )
+    assert any("/attention/output/dense/" in n for n in nodes) and any(
+        "Attention" in n for n in nodes
+    )
+    maxima = activation_maxima(model_file, nodes, calibration_rows(run), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the probe graph is gone
+    assert all(m.ndim == 1 and (m >= 0).all() and m.max() > 0 for m in maxima.values())
+    smoothed = smooth_graph(fp32_dir, tmp_path / "smoothed", maxima, alpha=0.5)
+    graph = onnx.load(str(smoothed / ONNX_FILE)).graph
+    muls = {n.name: n for n in graph.node if n.name.endswith("_smooth")}
+    assert set(muls) == {f"{n}_smooth" for n in nodes}
+    by_name = {n.name: n for n in graph.node}
+    assert all(by_name[n].input[0] == muls[f"{n}_smooth"].output[0] for n in nodes)
+    before = {
+        i.name: numpy_helper.to_array(i) for i in onnx.load(str(model_file)).graph.initializer
+    }
+    after = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert all(
+        not np.allclose(before[by_name[n].input[1]], after[by_name[n].input[1]]) for n in nodes
+    )
+    texts = load_split(run.stage, run.data, "test")["text"]
+    tokenizer = load_tokenizer(run.config.model)
+    length = run.config.data.max_length
+    plain = session_logits(open_session(model_file), tokenizer, texts, length)
+    rewritten = session_logits(open_session(smoothed / ONNX_FILE), tokenizer, texts, length)
+    assert float(np.max(np.abs(plain - rewritten))) <= 1e-4  # the same function in fp32
+    assert (smoothed / "config.json").exists()  # a loadable folder
+
+
+def test_smoothing_scales():
+    weight = np.array([[1.0, -4.0], [0.0, 0.0], [2.0, 1.0]], dtype=np.float32)
+    activation = np.array([16.0, 3.0, 0.0], dtype=np.float32)
+    scales = smoothing_scales(activation, weight, alpha=0.5)
+    # s = sqrt(a / w) per input row: 16 / 4 -> 2; a zero weight row or channel keeps 1
+    assert scales.tolist() == [2.0, 1.0, 1.0]
+    assert smoothing_scales(activation, weight, alpha=0.75)[0] == pytest.approx(16**0.75 / 4**0.25)
+
+
+def test_smooth_alpha_is_a_share_or_off():
+    assert QuantizeConfig().smooth_alpha == 0.5
+    assert QuantizeConfig(smooth_alpha=None).smooth_alpha is None
+    for wrong in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="smooth_alpha"):
+            QuantizeConfig(smooth_alpha=wrong)
+
+
+def test_a_fragile_matmul_that_smoothing_fixes_ships_smoothed_in_int8(run, tmp_path):
+    """The fragile MatMul's trouble is one input channel tiny and its weight row huge: the
+    scales SmoothQuant computes undo exactly that, so the search smooths it (int8, faster)
+    instead of keeping it in fp32."""
+    config, fp32_dir, scorer = fragile_search(run, tmp_path)
+    rows = calibration_rows(run)
+
+    choice = build_variants(config, fp32_dir, tmp_path / "out", scorer, calibration=lambda: rows)
+
+    plain, *mixes = choice.candidates
+    assert not plain.passed
+    top = choice.sensitivity[0]
+    assert top.nodes == (FRAGILE,) and top.smoothing_helps
+    assert top.smoothed < 0.1 * top.divergence
+    first = mixes[0]  # every node smoothing helps smoothed, nothing else in fp32
+    assert first.name == "smooth0_dynamic_per_channel" and first.passed, first.gates
+    assert len(mixes) == 1  # no fp32 mix was needed
+    assert set(first.kept_fp32) == set(plain.kept_fp32)  # the head alone
+    assert first.smoothed[FRAGILE].startswith(
+        f"SmoothQuant (alpha 0.5): KL {top.divergence:.3g} -> "
+    )
+    helped = {n for s in choice.sensitivity if s.smoothing_helps for n in s.nodes}
+    assert set(first.smoothed) == helped
+    graph = onnx.load(first.model_file).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    assert ops[f"{FRAGILE}_smooth"] == "Mul" and ops.get(FRAGILE) != "MatMul"
+    assert not (tmp_path / "out" / "calibration" / "smooth0_dynamic_per_channel").exists()
+    record = json.loads(json.dumps(choice_json(choice, "p50_ms")))
+    assert record["candidates"][1]["smoothed"] == first.smoothed
+    assert record["sensitivity"]["units"][0]["kl_divergence_smoothed"] == top.smoothed
+    if choice.chosen is first:
+        assert record["smoothed_nodes"] == first.smoothed
+        assert FRAGILE in smoothed_nodes_tag(choice.chosen)
+
+
+def test_without_calibration_rows_or_with_smoothing_off_nothing_is_smoothed(run, tmp_path):
+    config, fp32_dir, scorer = fragile_search(run, tmp_path, smooth_alpha=None)
+    rows = calibration_rows(run)
+    choice = build_variants(config, fp32_dir, tmp_path / "out", scorer, calibration=lambda: rows)
+    assert all(s.smoothed is None for s in choice.sensitivity)
+    assert all(not c.smoothed and not c.name.startswith("smooth") for c in choice.candidates)
+    assert FRAGILE in choice.candidates[-1].kept_fp32

@@ -110,6 +110,10 @@ def test_register_sets_aliases_and_gate_tags(run):
         assert "classifier" in tags["quantize.fp32_nodes"]
     else:
         assert tags["quantize.fp32_nodes"] == "every node"
+    chosen = next((c for c in run.quantized.candidates if c.name == run.quantized.variant), None)
+    smoothed = chosen.smoothed if chosen else {}  # SmoothQuant's nodes, if the search chose it
+    assert all(node in tags["quantize.smoothed_nodes"] for node in smoothed)
+    assert smoothed or tags["quantize.smoothed_nodes"] == "none"
     report = json.loads(run.text("promotion/report.json"))
     assert report["promoted"] is True and len(report["gates"]) == 5
     assert "Production moved:** yes" in run.text("promotion/report.md")

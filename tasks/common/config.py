@@ -387,6 +387,16 @@ class QuantizeConfig(_Section):
     mixed_max_mixes: int = Field(
         4, gt=0, le=32, description="At most this many mixes (1, 2, 4, ... nodes in fp32) scored."
     )
+    smooth_alpha: float | None = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description=(
+            "SmoothQuant's migration strength in the sensitivity search: nodes whose int8 error "
+            "smoothing at least halves are tried smoothed in int8 before any is kept in fp32 "
+            "(null: never smooth; needs calibration rows: classification only)."
+        ),
+    )
     min_top1_agreement: float = Field(
         0.97, ge=0, le=1, description="Gate: share of test predictions equal to fp32's."
     )

@@ -5,6 +5,15 @@ errors the next ones amplify), not everywhere. So each quantizable node is quant
 everything else fp32, and its effect on the outputs measured on a small probe set (mean KL
 divergence of the output distributions from fp32's). The most sensitive nodes are then kept in
 fp32, 1, 2, 4, ... at a time, and each such mix is scored with the full gates until one passes.
+
+SmoothQuant where it helps (smoothing.py): every unit SmoothQuant can rewrite is measured once
+more, smoothed and quantized alone; smoothing helps a unit when it at least halves that
+divergence. Then the smoothed mixes come first: every unit it helps smoothed and nothing else in
+fp32, then the 1, 2, 4, ... units whose best int8 form diverges most kept in fp32 (the rest that
+smoothing helps smoothed), each followed by the plain fp32 mix of the same size. A smoothed node
+costs one element-wise Mul; a node kept in fp32 costs an fp32 matrix product. Smoothing needs
+calibration rows: a kind without them (causal_lm) gets the fp32 mixes alone.
+
 Bounded: at most quantize.sensitivity_max_units quantize-and-probe runs (more nodes than that
 are measured in runs of consecutive nodes) and quantize.mixed_max_mixes fully scored mixes.
 """
@@ -14,7 +23,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,11 @@ from tasks.common.onnx import (
     quantize_variant,
     weighted_nodes,
 )
+from tasks.common.smoothing import activation_maxima, smooth_graph, smoothable
+
+# Smoothing counts as helping a unit when its int8 divergence, smoothed, is at most this share
+# of the plain one.
+SMOOTHING_GAIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -38,9 +52,22 @@ class Sensitivity:
 
     nodes: tuple[str, ...]
     divergence: float
+    smoothed: float | None = None  # the same, SmoothQuant applied to the unit (when measured)
+
+    @property
+    def smoothing_helps(self) -> bool:
+        return self.smoothed is not None and self.smoothed <= SMOOTHING_GAIN * self.divergence
+
+    @property
+    def effective(self) -> float:
+        """The divergence of the unit's best int8 form (smoothed where that helps)."""
+        return self.smoothed if self.smoothing_helps else self.divergence
 
     def as_dict(self) -> dict:
-        return {"nodes": list(self.nodes), "kl_divergence": self.divergence}
+        measured = {"nodes": list(self.nodes), "kl_divergence": self.divergence}
+        if self.smoothed is not None:
+            measured["kl_divergence_smoothed"] = self.smoothed
+        return measured
 
 
 @dataclass
@@ -55,35 +82,71 @@ class VariantBuilder:
     calibration: Callable[[], Any]
     quantize: Any  # QuantizeConfig
     _ranges: dict[str, Ranges] = field(default_factory=dict)
+    _maxima: dict[str, np.ndarray] = field(default_factory=dict)
 
     def build(
-        self, name: str, variant: str, exclude: Sequence[str] = (), only: Sequence[str] = ()
+        self,
+        name: str,
+        variant: str,
+        exclude: Sequence[str] = (),
+        only: Sequence[str] = (),
+        smooth: Sequence[str] = (),
     ) -> Path:
         """out_dir/variants/name: variant with the head and `exclude` in fp32 (and, when `only`
-        is given, every node but those), plus fp32's config and tokenizer files."""
+        is given, every node but those), the `smooth` nodes smoothed first (SmoothQuant), plus
+        fp32's config and tokenizer files."""
         folder = self.out_dir / "variants" / name
         folder.mkdir(parents=True)
+        source = self.fp32_dir
+        if smooth:
+            alpha = self.quantize.smooth_alpha
+            source = smooth_graph(source, self.work_dir() / name, self.maxima(smooth), alpha)
         qconfig = quantization_config(variant, self.isa, [*self.head, *exclude], only)
-        ranges = self.ranges(variant) if qconfig.is_static else None
-        quantize_variant(self.fp32_dir, folder, qconfig, ranges)
+        ranges = None
+        if qconfig.is_static:  # a smoothed graph has new activations: calibrated on its own
+            ranges = self._calibrated(source, variant) if smooth else self.ranges(variant)
+        quantize_variant(source, folder, qconfig, ranges)
         copy_missing_files(self.fp32_dir, folder)  # config, tokenizer: a loadable folder
+        if smooth:
+            shutil.rmtree(source)
         return folder
+
+    def work_dir(self) -> Path:
+        work = self.out_dir / "calibration"
+        work.mkdir(parents=True, exist_ok=True)
+        return work
 
     def ranges(self, variant: str) -> Ranges:
         """The static variant's activation ranges, calibrated on first use."""
         if variant not in self._ranges:
-            q, work = self.quantize, self.out_dir / "calibration"
-            work.mkdir(parents=True, exist_ok=True)
-            self._ranges[variant] = calibrate(
-                self.fp32_dir,
-                work,
-                variant,
-                self.isa,
-                self.calibration(),
-                q.calibration_method,
-                q.calibration_percentile,
-            )
+            self._ranges[variant] = self._calibrated(self.fp32_dir, variant)
         return self._ranges[variant]
+
+    def _calibrated(self, source: Path, variant: str) -> Ranges:
+        q = self.quantize
+        return calibrate(
+            source,
+            self.work_dir(),
+            variant,
+            self.isa,
+            self.calibration(),
+            q.calibration_method,
+            q.calibration_percentile,
+        )
+
+    def can_smooth(self) -> bool:
+        """SmoothQuant is on (quantize.smooth_alpha) and the kind gives calibration rows."""
+        return self.quantize.smooth_alpha is not None and self.calibration() is not None
+
+    def maxima(self, nodes: Sequence[str]) -> dict[str, np.ndarray]:
+        """Each node's per-channel activation maxima on the calibration rows (the nodes not yet
+        measured are measured together, in one pass over the rows)."""
+        missing = [n for n in nodes if n not in self._maxima]
+        if missing:
+            model_file = self.fp32_dir / ONNX_FILE
+            rows = self.calibration()
+            self._maxima |= activation_maxima(model_file, missing, rows, self.work_dir())
+        return {n: self._maxima[n] for n in nodes}
 
     def quantizable(self, variant: str) -> list[str]:
         """The nodes the variant turns into int8 kernels, head excluded, in graph order."""
@@ -134,12 +197,63 @@ def measure_sensitivity(
     return sorted(measured, key=lambda s: -s.divergence)
 
 
-def kept_for_sensitivity(ranked: Sequence[Sensitivity], k: int, rows: int) -> dict[str, str]:
-    """node -> why it stays fp32, for the k most sensitive units of ranked."""
+def measure_smoothing(
+    builder: VariantBuilder,
+    variant: str,
+    ranked: Sequence[Sensitivity],
+    probe: Callable[[Path], np.ndarray],
+    reference: np.ndarray,
+) -> list[Sensitivity]:
+    """ranked, each unit whose nodes SmoothQuant can rewrite measured again, smoothed and
+    quantized alone (unchanged when smoothing is off or the kind has no calibration rows)."""
+    if not builder.can_smooth():
+        return list(ranked)
+    able = set(smoothable(builder.fp32_dir / ONNX_FILE, [n for s in ranked for n in s.nodes]))
+    chosen = [s for s in ranked if set(s.nodes) <= able]
+    builder.maxima([n for s in chosen for n in s.nodes])  # one pass over the calibration rows
+    measured = []
+    for index, unit in enumerate(ranked):
+        if unit in chosen:
+            folder = builder.build(
+                f"smoothing-{variant}-{index}", variant, only=unit.nodes, smooth=unit.nodes
+            )
+            unit = replace(unit, smoothed=kl_divergence(reference, probe(folder)))
+            shutil.rmtree(folder)
+        measured.append(unit)
+    return measured
+
+
+def by_effect(ranked: Sequence[Sensitivity]) -> list[Sensitivity]:
+    """The units ordered by the divergence of their best int8 form, largest first."""
+    return sorted(ranked, key=lambda s: -s.effective)
+
+
+def smoothed_for_sensitivity(
+    units: Sequence[Sensitivity], rows: int, alpha: float | None
+) -> dict[str, str]:
+    """node -> why, for the units that smoothing helps."""
     return {
         node: (
-            f"sensitivity rank {rank} of {len(ranked)}: KL {s.divergence:.3g} from fp32 when "
-            f"quantized alone, on {rows} probe rows"
+            f"SmoothQuant (alpha {alpha:g}): KL {s.divergence:.3g} -> {s.smoothed:.3g} from "
+            f"fp32 when quantized alone, on {rows} probe rows"
+        )
+        for s in units
+        if s.smoothing_helps
+        for node in s.nodes
+    }
+
+
+def kept_for_sensitivity(
+    ranked: Sequence[Sensitivity], k: int, rows: int, smoothed: bool = False
+) -> dict[str, str]:
+    """node -> why it stays fp32, for the k most sensitive units of ranked (with smoothed,
+    ranked is by_effect's order and the KL is that of the unit's best int8 form)."""
+    after = " after smoothing where it helps" if smoothed else ""
+    return {
+        node: (
+            f"sensitivity rank {rank} of {len(ranked)}{after}: KL "
+            f"{s.effective if smoothed else s.divergence:.3g} from fp32 when quantized alone, "
+            f"on {rows} probe rows"
         )
         for rank, s in enumerate(ranked[:k], start=1)
         for node in s.nodes

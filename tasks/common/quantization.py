@@ -4,7 +4,8 @@ CPU targets try the configured int8 variants (dynamic or static, per-channel or 
 with the kernels that fit this CPU, the task's head nodes kept in fp32; static variants are
 calibrated once on training rows (quantize.calibration_method). When
 quantize.mixed_precision_base fails its gates, the sensitivity search (mixed_precision.py)
-adds mixes of it with its most sensitive nodes in fp32. A GPU target (serve.device cuda)
+adds mixes of it with its most sensitive nodes in fp32, or smoothed (SmoothQuant) where that
+measurably helps. A GPU target (serve.device cuda)
 tries fp16. A variant ships only when it passes its gates and answers faster than fp32 at
 batch 1 (fp32 and the passing variants are timed again side by side for that comparison);
 otherwise fp32 ships and the reason is recorded. What "score", "probe" and "gates"
@@ -29,9 +30,12 @@ from tasks.common.latency import interleaved
 from tasks.common.mixed_precision import (
     Sensitivity,
     VariantBuilder,
+    by_effect,
     kept_for_sensitivity,
     measure_sensitivity,
+    measure_smoothing,
     mix_sizes,
+    smoothed_for_sensitivity,
 )
 from tasks.common.onnx import (
     ONNX_FILE,
@@ -66,6 +70,7 @@ class Candidate:
     size_mb: float
     gates: list[Gate] = field(default_factory=list)
     kept_fp32: dict[str, str] = field(default_factory=dict)  # node -> why it is not int8
+    smoothed: dict[str, str] = field(default_factory=dict)  # node -> why SmoothQuant rewrote it
 
     @property
     def passed(self) -> bool:
@@ -239,8 +244,12 @@ def search_mixes(
     reference: Any,
 ) -> tuple[list[Candidate], list[Sensitivity]]:
     """When quantize.mixed_precision_base failed its gates: rank its nodes by sensitivity on
-    the probe rows, then score mixes keeping the 1, 2, 4, ... most sensitive units in fp32,
-    until one passes. Returns the mixes scored and the ranking (both empty: no search)."""
+    the probe rows (and, where SmoothQuant can rewrite them, smoothed), then score mixes until
+    one passes (tasks/common/mixed_precision.py): smooth0_<base> (every node smoothing helps
+    smoothed, none in fp32) and, for k = 1, 2, 4, ..., smoothK_<base> (the k units whose best
+    int8 form diverges most in fp32, the rest that smoothing helps smoothed) then mixedK_<base>
+    (the k most sensitive in fp32, none smoothed). Returns the mixes scored and the ranking
+    (both empty: no search)."""
     q = builder.quantize
     base = next((c for c in candidates if c.name == q.mixed_precision_base), None)
     if base is None or base.passed:
@@ -249,13 +258,25 @@ def search_mixes(
     ranked = measure_sensitivity(
         builder, base.name, scorer.probe, probe_reference, q.sensitivity_max_units
     )
-    mixes: list[Candidate] = []
+    ranked = measure_smoothing(builder, base.name, ranked, scorer.probe, probe_reference)
+    rows, effect = len(probe_reference), by_effect(ranked)
+    plan = [("smooth", 0)]
     for k in mix_sizes(len(ranked), q.mixed_max_mixes):
-        kept = kept_for_sensitivity(ranked, k, len(probe_reference))
-        name = f"mixed{k}_{base.name}"
-        folder = builder.build(name, base.name, exclude=list(kept))
-        mixes.append(scored(scorer, folder, name, reference, fp32, builder.head | kept))
-        if mixes[-1].passed:
+        plan += [("smooth", k), ("mixed", k)]
+    mixes: list[Candidate] = []
+    for kind, k in plan:
+        if kind == "smooth":
+            in_fp32 = kept_for_sensitivity(effect, k, rows, smoothed=True)
+            smooth = smoothed_for_sensitivity(effect[k:], rows, q.smooth_alpha)
+            if not smooth:
+                continue  # nothing to smooth: the mixed mix of this size follows
+        else:
+            in_fp32, smooth = kept_for_sensitivity(ranked, k, rows), {}
+        name = f"{kind}{k}_{base.name}"
+        folder = builder.build(name, base.name, exclude=list(in_fp32), smooth=list(smooth))
+        mix = scored(scorer, folder, name, reference, fp32, builder.head | in_fp32)
+        mixes.append(replace(mix, smoothed=smooth))
+        if mix.passed:
             break
     return mixes, ranked
 
@@ -305,6 +326,7 @@ def log_choice(run: TrackedRun, choice: Choice, scorer: VariantScorer) -> None:
             "quantize.variant": chosen.name,
             "quantize.reason": choice.reason[:5000],
             "quantize.fp32_nodes": fp32_nodes_tag(chosen)[:5000],
+            "quantize.smoothed_nodes": smoothed_nodes_tag(chosen)[:5000],
         }
     )
     run.log_json(choice_json(choice, latency), "quantized/choice.json")
@@ -317,6 +339,11 @@ def fp32_nodes_tag(chosen: Candidate) -> str:
     return "\n".join(f"{node}: {why}" for node, why in chosen.kept_fp32.items()) or "none"
 
 
+def smoothed_nodes_tag(chosen: Candidate) -> str:
+    """The served graph's nodes that SmoothQuant rewrote and why, one `node: why` per line."""
+    return "\n".join(f"{node}: {why}" for node, why in chosen.smoothed.items()) or "none"
+
+
 def choice_json(choice: Choice, latency: str) -> dict:
     """quantized/choice.json: every candidate's figures, gates and fp32 nodes, and the search."""
 
@@ -324,6 +351,7 @@ def choice_json(choice: Choice, latency: str) -> dict:
         return {"name": c.name, "model_file": c.model_file, **c.figures(latency)} | {
             "gates": [g.as_dict() for g in c.gates],
             "kept_fp32": c.kept_fp32,
+            "smoothed": c.smoothed,
         }
 
     return {
@@ -331,6 +359,7 @@ def choice_json(choice: Choice, latency: str) -> dict:
         "reason": choice.reason,
         "instruction_set": choice.instruction_set,
         "fp32_nodes": choice.chosen.kept_fp32,
+        "smoothed_nodes": choice.chosen.smoothed,
         "fp32": entry(choice.fp32) | {"gates": []},
         "candidates": [entry(c) for c in choice.candidates],
         "sensitivity": {

@@ -26,7 +26,7 @@ from tasks.common.champion import Comparison
 from tasks.common.errors import GateFailed
 from tasks.common.faults import kill_point
 from tasks.common.gates import Gate
-from tasks.common.quantization import fp32_nodes_tag
+from tasks.common.quantization import fp32_nodes_tag, smoothed_nodes_tag
 from tasks.common.registry import (
     CHALLENGER,
     PRODUCTION,
@@ -96,6 +96,7 @@ def version_tags(stage, served: ServeReport, quantized: QuantizedModel, data) ->
             "onnx.variant": quantized.variant,
             # the served graph's nodes left in fp32 and why (the head, a mixed-precision search)
             "quantize.fp32_nodes": fp32_nodes_tag(chosen)[:5000] if chosen else "every node",
+            "quantize.smoothed_nodes": smoothed_nodes_tag(chosen)[:5000] if chosen else "none",
             "data.content_sha256": data.content_sha256,
         }
         | search_tags(stage.run)
