@@ -348,3 +348,29 @@ def test_without_calibration_rows_or_with_smoothing_off_nothing_is_smoothed(run,
     assert all(s.smoothed is None for s in choice.sensitivity)
     assert all(not c.smoothed and not c.name.startswith("smooth") for c in choice.candidates)
     assert FRAGILE in choice.candidates[-1].kept_fp32
+
+
+def test_a_static_base_is_smoothed_and_calibrated_on_the_smoothed_graph(run, tmp_path):
+    """Static int8 reads activation ranges for the Mul outputs smoothing adds: the smoothed
+    graph is calibrated on its own (the fp32 graph's ranges do not name those tensors)."""
+    config, fp32_dir, scorer = fragile_search(
+        run,
+        tmp_path,
+        variants=["static_per_channel"],
+        mixed_precision_base="static_per_channel",
+        calibration_method="minmax",
+    )
+    rows = calibration_rows(run)
+    choice = build_variants(config, fp32_dir, tmp_path / "out", scorer, calibration=lambda: rows)
+    plain, *mixes = choice.candidates
+    assert not plain.passed and choice.sensitivity[0].nodes == (FRAGILE,)
+    assert choice.sensitivity[0].smoothing_helps
+    first = mixes[0]
+    assert first.name == "smooth0_static_per_channel" and FRAGILE in first.smoothed
+    assert first.passed, first.gates
+    graph = onnx.load(first.model_file).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    fragile = next(n for n in graph.node if n.name == FRAGILE)  # QDQ: the MatMul stays
+    assert [producer[i].op_type for i in fragile.input] == ["DequantizeLinear"] * 2
+    quantized_inputs = {i for n in graph.node if n.op_type == "QuantizeLinear" for i in n.input}
+    assert f"{FRAGILE}_smooth_output" in quantized_inputs
