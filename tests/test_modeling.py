@@ -157,6 +157,12 @@ def test_the_last_layer_trains_on_the_pooled_token_with_the_same_logits_and_grad
     rows = []
     last = hooked.bert.encoder.layer[-1]
     last.intermediate.register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
+    # contiguous rows: a strided slice made F.linear a batched product over a copy of the weight
+    # per text (bmm of 16 x 1 x 384 by 16 x 384 x 384 in every MiniLM step)
+    contiguous = []
+    last.attention.output.dense.register_forward_pre_hook(
+        lambda m, args: contiguous.append(args[0].is_contiguous())
+    )
     torch.manual_seed(1)
     batch = {
         "input_ids": torch.randint(5, 100, (3, 9)),
@@ -173,6 +179,7 @@ def test_the_last_layer_trains_on_the_pooled_token_with_the_same_logits_and_grad
         if model is plain:
             expected = out.logits.detach()
     assert rows == [1]  # the hooked model's last MLP saw one row per text
+    assert contiguous == [True]
     torch.testing.assert_close(out.logits.detach(), expected, atol=1e-6, rtol=0)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
     for name, grad in grads[0].items():

@@ -121,9 +121,9 @@ def first_token_last_layer(model: torch.nn.Module) -> bool:
     if output is None:
         return False
 
-    def token_zero(_module, args):
+    def token_zero(_module, args):  # contiguous: F.linear on a strided slice runs as a bmm
         context, residual, *rest = args
-        return (context[:, :1], residual[:, :1], *rest)
+        return (context[:, :1].contiguous(), residual[:, :1].contiguous(), *rest)
 
     output.register_forward_pre_hook(token_zero)
     return True
