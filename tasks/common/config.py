@@ -385,7 +385,13 @@ class QuantizeConfig(_Section):
         description="At most this many quantize-and-probe runs (nodes grouped in runs beyond).",
     )
     mixed_max_mixes: int = Field(
-        4, gt=0, le=32, description="At most this many mixes (1, 2, 4, ... nodes in fp32) scored."
+        4,
+        gt=0,
+        le=32,
+        description=(
+            "At most this many mixes (1, 2, 4, ... nodes in fp32) scored; with smoothing, as "
+            "many smoothed mixes again plus one with no node in fp32."
+        ),
     )
     smooth_alpha: float | None = Field(
         0.5,

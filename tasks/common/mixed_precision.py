@@ -15,7 +15,8 @@ costs one element-wise Mul; a node kept in fp32 costs an fp32 matrix product. Sm
 calibration rows: a kind without them (causal_lm) gets the fp32 mixes alone.
 
 Bounded: at most quantize.sensitivity_max_units quantize-and-probe runs (more nodes than that
-are measured in runs of consecutive nodes) and quantize.mixed_max_mixes fully scored mixes.
+are measured in runs of consecutive nodes; as many again smoothed) and quantize.mixed_max_mixes
+fully scored fp32 mixes (plus at most one more smoothed mix than that).
 """
 
 from __future__ import annotations
