@@ -84,6 +84,13 @@ class VariantBuilder:
     quantize: Any  # QuantizeConfig
     _ranges: dict[str, Ranges] = field(default_factory=dict)
     _maxima: dict[str, np.ndarray] = field(default_factory=dict)
+    _rows: Any = field(default=None, init=False)  # calibration(), read once
+
+    def rows(self) -> Any:
+        """The kind's calibration rows (None: it has none), read on first use and kept."""
+        if self._rows is None:
+            self._rows = self.calibration()
+        return self._rows
 
     def build(
         self,
@@ -130,14 +137,14 @@ class VariantBuilder:
             self.work_dir(),
             variant,
             self.isa,
-            self.calibration(),
+            self.rows(),
             q.calibration_method,
             q.calibration_percentile,
         )
 
     def can_smooth(self) -> bool:
         """SmoothQuant is on (quantize.smooth_alpha) and the kind gives calibration rows."""
-        return self.quantize.smooth_alpha is not None and self.calibration() is not None
+        return self.quantize.smooth_alpha is not None and self.rows() is not None
 
     def maxima(self, nodes: Sequence[str]) -> dict[str, np.ndarray]:
         """Each node's per-channel activation maxima on the calibration rows (the nodes not yet
@@ -145,8 +152,7 @@ class VariantBuilder:
         missing = [n for n in nodes if n not in self._maxima]
         if missing:
             model_file = self.fp32_dir / ONNX_FILE
-            rows = self.calibration()
-            self._maxima |= activation_maxima(model_file, missing, rows, self.work_dir())
+            self._maxima |= activation_maxima(model_file, missing, self.rows(), self.work_dir())
         return {n: self._maxima[n] for n in nodes}
 
     def quantizable(self, variant: str) -> list[str]:

@@ -336,12 +336,17 @@ def fp32_nodes_tag(chosen: Candidate) -> str:
     """The served graph's nodes left in fp32 and why, one `node: why` per line."""
     if chosen.name == "fp32":
         return "every node (fp32 served)"
-    return "\n".join(f"{node}: {why}" for node, why in chosen.kept_fp32.items()) or "none"
+    return why_lines(chosen.kept_fp32)
 
 
 def smoothed_nodes_tag(chosen: Candidate) -> str:
     """The served graph's nodes that SmoothQuant rewrote and why, one `node: why` per line."""
-    return "\n".join(f"{node}: {why}" for node, why in chosen.smoothed.items()) or "none"
+    return why_lines(chosen.smoothed)
+
+
+def why_lines(nodes: dict[str, str]) -> str:
+    """One `node: why` line per node, or 'none'."""
+    return "\n".join(f"{node}: {why}" for node, why in nodes.items()) or "none"
 
 
 def choice_json(choice: Choice, latency: str) -> dict:

@@ -34,6 +34,7 @@ SMOOTHABLE_OPS = ("MatMul", "Attention")
 MIN_MAGNITUDE = 1e-5  # a channel that is all zeros (or a zero weight row) keeps scale 1
 SCALE_SUFFIX = "_smooth_scale"
 MUL_SUFFIX = "_smooth"
+PROBE_BATCH_ROWS = 32  # calibration rows of one length run together while maxima are measured
 
 
 def smoothable(model_file: Path, nodes: Iterable[str]) -> list[str]:
@@ -61,7 +62,8 @@ def activation_maxima(
     model_file: Path, nodes: Sequence[str], rows, work_dir: Path
 ) -> dict[str, np.ndarray]:
     """node -> the largest |value| of each channel (last axis) of its first input, over the
-    calibration rows (run one length group at a time, never padded)."""
+    calibration rows (rows of equal length run together, up to PROBE_BATCH_ROWS: never
+    padded)."""
     if not nodes:
         return {}
     model = onnx.load(str(model_file))
@@ -78,8 +80,9 @@ def activation_maxima(
     wanted = {i.name for i in session.get_inputs()}
     maxima: dict[str, np.ndarray] = {}
     for group in rows_by_length(rows):
-        for row in group:
-            feed = {k: v for k, v in row.items() if k in wanted}
+        for start in range(0, len(group), PROBE_BATCH_ROWS):  # rows of one length: no padding
+            chunk = group[start : start + PROBE_BATCH_ROWS]
+            feed = {k: np.concatenate([row[k] for row in chunk]) for k in chunk[0] if k in wanted}
             for tensor, value in zip(tensors, session.run(tensors, feed), strict=True):
                 channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
                 old = maxima.get(tensor)
